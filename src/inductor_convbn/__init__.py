@@ -1,0 +1,28 @@
+"""Fold eval-mode BatchNorm into the convolution before it, inside ``torch.compile``.
+
+Call :func:`install` before compiling; :func:`verify` shows what was folded.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._fold import fold_conv_bn_weights
+from ._pass import ConvBnFoldPass, install, installed, is_installed, uninstall
+from ._report import FoldReport, PairReport, verify
+
+try:
+    __version__ = version("inductor_convbn")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "ConvBnFoldPass",
+    "FoldReport",
+    "PairReport",
+    "__version__",
+    "fold_conv_bn_weights",
+    "install",
+    "installed",
+    "is_installed",
+    "uninstall",
+    "verify",
+]

@@ -1,0 +1,56 @@
+"""The fold formula: the one place that turns a conv and an eval BatchNorm into one conv.
+
+An eval BatchNorm is an affine map per channel, so ``bn(conv(x)) == conv'(x)`` with::
+
+    scale = bn_weight / sqrt(running_var + eps)       (bn_weight = 1 when affine=False)
+    w'    = w * scale      (over the output-channel axis of w)
+    b'    = (b - running_mean) * scale + bn_bias      (b = 0 when the conv has no bias)
+
+The math runs in float32 and the result is cast back to the conv weight's dtype, so fp16 and
+bf16 models lose no more precision than one rounding of the folded weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["fold_conv_bn_weights"]
+
+
+def fold_conv_bn_weights(
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(weight, bias)`` of the conv (or linear) layer that computes ``bn(conv(x))``.
+
+    ``conv_weight`` is laid out as torch lays out conv weights: ``(out, in / groups, *k)``,
+    or ``(in, out / groups, *k)`` when ``transposed``; a linear weight ``(out, in)`` is the
+    non-transposed case. Works on real, fake and traced tensors alike.
+    """
+    scale = torch.rsqrt(running_var.float() + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.float()
+
+    weight = conv_weight.float()
+    kernel_dims = [1] * (weight.dim() - 2)
+    if transposed:
+        # Output channel g * (out / groups) + j of a transposed conv lives at
+        # weight[g * (in / groups) + i, j]: scale dim 1 within each group.
+        weight = weight.unflatten(0, (groups, -1)) * scale.reshape(groups, 1, -1, *kernel_dims)
+        weight = weight.flatten(0, 1)
+    else:
+        weight = weight * scale.reshape(-1, *[1] * (weight.dim() - 1))
+
+    bias = -running_mean.float() if conv_bias is None else conv_bias.float() - running_mean.float()
+    bias = bias * scale
+    if bn_bias is not None:
+        bias = bias + bn_bias.float()
+    return weight.to(conv_weight.dtype), bias.to(conv_weight.dtype)

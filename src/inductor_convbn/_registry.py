@@ -1,0 +1,297 @@
+"""Conv -> batch_norm pattern/replacement pairs, traced through ``register_replacement``.
+
+The patterns are traced with the running torch's own decompositions, so they match the
+post-grad graph that release produces, whatever form its batch-norm decomposition takes.
+
+A traced pattern matches its literals exactly, and stride, padding, dilation, output
+padding and groups are literals of ``aten.convolution``. Each one is therefore traced as a
+scalar argument with an unlikely sentinel value, which ``scalar_workaround`` turns into a
+wildcard (``KeywordArg``); the replacement receives the matched values. One template per
+structure (layer kind, rank, transposed, bias, affine) then covers every hyper-parameter,
+and eps too. Templates are traced lazily, only for the structures and dtypes a graph holds,
+once per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import re
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import _compat
+from ._fold import fold_conv_bn_weights
+
+aten = torch.ops.aten
+
+# Folds recorded by the pattern's check, read by the verifier: (status, where, reason).
+_events: list[tuple[str, str, str]] = []
+_events_lock = threading.Lock()
+
+PATTERNS = _compat.PatternMatcherPass(pass_name="inductor_convbn")
+
+_HYPER_PARAMS = ("stride", "padding", "dilation", "output_padding")
+# Sentinels for the scalars that become wildcards. They must be distinct from each other
+# and from any value a real graph holds in those positions (a real value equal to a sentinel
+# would be read as that wildcard). Stride > padding keeps the traced transposed conv's output
+# size positive; output_padding < stride keeps it legal.
+_SENTINEL_BASE = {
+    "stride": 1_000_003,
+    "padding": 200_003,
+    "dilation": 300_007,
+    "output_padding": 400_009,
+}
+_GROUPS_SENTINEL = 500_009
+_EPS_SENTINEL = 9.876_543e-7
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldTemplate:
+    """The structure of a conv (or linear) -> batch_norm pair; one traced pattern each."""
+
+    layer: str  # "conv" or "linear"
+    rank: int  # spatial dims of the conv; 0 for linear
+    transposed: bool
+    bias: bool  # the conv has a bias
+    affine: bool  # the batch norm has weight and bias
+
+    def tensor_args(self) -> list[str]:
+        return [
+            "x",
+            "w",
+            *(["b"] if self.bias else []),
+            "mean",
+            "var",
+            *(["gamma", "beta"] if self.affine else []),
+        ]
+
+    def scalar_args(self) -> dict[str, float | int]:
+        scalars: dict[str, float | int] = {"eps": _EPS_SENTINEL}
+        if self.layer == "conv":
+            for name in _HYPER_PARAMS:
+                for i in range(self.rank):
+                    scalars[f"{name}{i}"] = _SENTINEL_BASE[name] + 2 * i
+            scalars["groups"] = _GROUPS_SENTINEL
+        return scalars
+
+
+def _templates() -> Iterator[FoldTemplate]:
+    """Every structure the registry can fold."""
+    for bias in (False, True):
+        for affine in (True, False):
+            yield FoldTemplate("linear", 0, False, bias, affine)
+            for rank in (1, 2, 3):
+                for transposed in (False, True):
+                    yield FoldTemplate("conv", rank, transposed, bias, affine)
+
+
+TEMPLATES = tuple(_templates())
+
+
+def _with_signature(fn: Callable[..., Any], names: list[str]) -> Callable[..., Any]:
+    # register_replacement names pattern arguments after the search function's parameters.
+    fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
+    return fn
+
+
+def _pattern_fns(t: FoldTemplate) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    names = t.tensor_args() + list(t.scalar_args())
+
+    def unpack(args: tuple[Any, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+        a = dict(zip(names, args))
+        conv_args: dict[str, Any] = {}
+        if t.layer == "conv":
+            conv_args = {k: [a[f"{k}{i}"] for i in range(t.rank)] for k in _HYPER_PARAMS}
+            conv_args["groups"] = a["groups"]
+        return a, conv_args
+
+    def layer(a: dict[str, Any], c: dict[str, Any], w: Any, b: Any) -> Any:
+        if t.layer == "linear":
+            return F.linear(a["x"], w, b)
+        return aten.convolution.default(
+            a["x"], w, b, c["stride"], c["padding"], c["dilation"], t.transposed,
+            c["output_padding"], c["groups"],
+        )  # fmt: skip
+
+    def search(*args: Any) -> Any:
+        a, c = unpack(args)
+        y = layer(a, c, a["w"], a.get("b"))
+        return F.batch_norm(
+            y, a["mean"], a["var"], a.get("gamma"), a.get("beta"), False, 0.1, a["eps"]
+        )
+
+    def replace(*args: Any) -> Any:
+        a, c = unpack(args)
+        w, b = fold_conv_bn_weights(
+            a["w"], a.get("b"), a["mean"], a["var"], a["eps"], a.get("gamma"), a.get("beta"),
+            transposed=t.transposed, groups=c.get("groups", 1),
+        )  # fmt: skip
+        return layer(a, c, w, b)
+
+    return _with_signature(search, names), _with_signature(replace, names)
+
+
+def _example_inputs(
+    t: FoldTemplate, dtype: torch.dtype, bn_dtype: torch.dtype, device: str
+) -> list[torch.Tensor]:
+    # Sizes don't matter (int literals are wildcards in the first match, which re-traces
+    # with the real shapes); they only need to be legal with the sentinel hyper-parameters.
+    empty = functools.partial(torch.empty, dtype=dtype, device=device)
+    g = _GROUPS_SENTINEL if t.layer == "conv" else 1
+    if t.layer == "linear":
+        x, w = empty(2, 3), empty(2 * g, 3)
+    elif t.transposed:
+        x, w = empty(1, g, *[3] * t.rank), empty(g, 2, *[1] * t.rank)
+    else:
+        x, w = empty(1, g, *[3] * t.rank), empty(2 * g, 1, *[1] * t.rank)
+    channel = functools.partial(torch.empty, 2 * g, device=device)
+    by_name = {
+        "x": x,
+        "w": w,
+        "b": empty(2 * g),
+        "mean": channel(dtype=bn_dtype),
+        "var": channel(dtype=bn_dtype),
+        "gamma": channel(dtype=bn_dtype),
+        "beta": channel(dtype=bn_dtype),
+    }
+    return [by_name[n] for n in t.tensor_args()]
+
+
+def describe_node(node: torch.fx.Node) -> str:
+    """Where a layer sits in the user's model, e.g. ``layer1.0.conv1``, from fx metadata.
+
+    Dynamo records the module path in ``nn_module_stack`` and AOT autograd keeps it on the
+    aten nodes, so the verifier's independent count and this pass name a pair alike.
+    """
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _normalize_module_path(path)
+    return node.name
+
+
+def _normalize_module_path(path: str) -> str:
+    path = re.sub(r"^[LG]\['[^']*'\]", "", path)  # the root: a local or a global
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", path)
+    return path.lstrip(".") or "<root>"
+
+
+def _constant_value(node: Any) -> torch.Tensor | None:
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+        owner = node.graph.owning_module
+        if owner is not None:
+            value = owner
+            for atom in str(node.target).split("."):
+                value = getattr(value, atom)
+            return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _check_fold(match: _compat.Match) -> bool:
+    """Accept or refuse one matched pair, and record which, with the reason."""
+    layer = next(
+        n for n in match.nodes if n.target in (aten.convolution.default, aten.addmm.default, aten.mm.default)
+    )
+    where = describe_node(layer)
+    # Constants (Inductor freezing) let the fold be checked now: never turn finite BN
+    # output into a non-finite weight, e.g. a huge scale that overflows fp16.
+    names = ("w", "b", "mean", "var", "gamma", "beta")
+    values = {n: _constant_value(match.kwargs.get(n)) for n in names}
+    if all(values[n] is not None for n in names if n in match.kwargs):
+        transposed = bool(layer.args[6]) if layer.target is aten.convolution.default else False
+        groups = int(layer.args[8]) if layer.target is aten.convolution.default else 1
+        w, b = fold_conv_bn_weights(
+            values["w"], values["b"], values["mean"], values["var"], float(match.kwargs["eps"]),
+            values["gamma"], values["beta"], transposed=transposed, groups=groups,
+        )  # fmt: skip
+        inputs_finite = all(
+            bool(torch.isfinite(v).all()) for v in values.values() if v is not None
+        )
+        if inputs_finite and not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+            _record("skipped", where, f"folded weight is not finite in {w.dtype}")
+            _compat.counters["inductor"]["inductor_convbn_skipped"] += 1
+            return False
+    _record("folded", where, "")
+    return True
+
+
+def _record(status: str, where: str, reason: str) -> None:
+    with _events_lock:
+        _events.append((status, where, reason))
+
+
+def take_events() -> list[tuple[str, str, str]]:
+    """The folds and refusals recorded since the last call, oldest first."""
+    with _events_lock:
+        events = list(_events)
+        _events.clear()
+    return events
+
+
+@functools.cache
+def _register(
+    t: FoldTemplate, dtype: torch.dtype, bn_dtype: torch.dtype, device: str
+) -> bool:
+    search, replace = _pattern_fns(t)
+    with _compat.pattern_tracing_mode():
+        return _compat.register_pattern(
+            search,
+            replace,
+            _example_inputs(t, dtype, bn_dtype, device),
+            PATTERNS,
+            extra_check=_check_fold,
+            scalar_workaround=t.scalar_args(),
+        )
+
+
+_register_lock = threading.Lock()
+
+
+def register_for_graph(graph: torch.fx.Graph) -> None:
+    """Trace the templates whose structure and dtype occur in ``graph`` (once per process)."""
+    for structure, dtype, device in _layers_in(graph):
+        # A half-precision layer may be followed by a batch norm of its own dtype or, under
+        # autocast or with a float32 BN, by a float32 one.
+        bn_dtypes = {dtype, torch.float32}
+        for t in TEMPLATES:
+            if (t.layer, t.rank, t.transposed, t.bias) != structure:
+                continue
+            for bn_dtype in bn_dtypes:
+                with _register_lock:
+                    _register(t, dtype, bn_dtype, device)
+
+
+def _layers_in(graph: torch.fx.Graph) -> set[tuple[tuple[str, int, bool, bool], torch.dtype, str]]:
+    found = set()
+    for node in graph.nodes:
+        val = node.meta.get("val") if node.op == "call_function" else None
+        if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+            continue
+        if node.target is aten.convolution.default:
+            structure = ("conv", val.dim() - 2, bool(node.args[6]), node.args[2] is not None)
+        elif node.target in (aten.addmm.default, aten.mm.default) and val.dim() == 2:
+            structure = ("linear", 0, False, node.target is aten.addmm.default)
+        else:
+            continue
+        if structure[1] in (0, 1, 2, 3):
+            found.add((structure, val.dtype, val.device.type))
+    return found
+
+
+def fold(graph: torch.fx.Graph) -> int:
+    """Fold every eligible pair in ``graph``; return how many were folded."""
+    register_for_graph(graph)
+    count = PATTERNS.apply(graph)
+    if count:
+        _compat.counters["inductor"]["inductor_convbn_folded"] += count
+    return count
+

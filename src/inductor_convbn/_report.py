@@ -1,0 +1,302 @@
+"""``verify()``: compile a model with the plugin, count its conv -> batch_norm pairs
+independently of the pattern matcher, run it, and compare with eager."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import _compat, _pass, _registry
+
+__all__ = ["FoldReport", "PairReport", "find_pairs", "verify"]
+
+FOLDED = "folded"
+SKIPPED = "skipped"
+
+# Layer calls as dynamo records them (torch.nn.functional.conv2d is torch.conv2d).
+_LAYER_FNS: dict[Any, str] = {
+    torch.conv1d: "conv1d",
+    torch.conv2d: "conv2d",
+    torch.conv3d: "conv3d",
+    torch.conv_transpose1d: "conv_transpose1d",
+    torch.conv_transpose2d: "conv_transpose2d",
+    torch.conv_transpose3d: "conv_transpose3d",
+    F.linear: "linear",
+}
+_BN_FNS = (F.batch_norm,)
+_LAYER_MODULES: tuple[tuple[type, str], ...] = (
+    (torch.nn.Conv1d, "conv1d"),
+    (torch.nn.Conv2d, "conv2d"),
+    (torch.nn.Conv3d, "conv3d"),
+    (torch.nn.ConvTranspose1d, "conv_transpose1d"),
+    (torch.nn.ConvTranspose2d, "conv_transpose2d"),
+    (torch.nn.ConvTranspose3d, "conv_transpose3d"),
+    (torch.nn.Linear, "linear"),
+)
+
+# Tolerances against eager per output dtype (TF32 off). The folded conv rounds differently
+# from conv followed by BN, and the difference grows with depth.
+DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (8e-2, 8e-2),
+}
+
+
+@dataclasses.dataclass
+class PairReport:
+    """One conv -> batch_norm pair of the model's graph."""
+
+    conv: str  # where the conv sits, e.g. "layer1.0.conv1"
+    bn: str
+    kind: str  # "conv2d", "conv_transpose1d", "linear", ...
+    status: str  # "folded" or "skipped"
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """What ``verify()`` found: every pair, which were folded, why the rest were not."""
+
+    pair_reports: list[PairReport]
+    folded: int
+    max_abs_error: float
+    outputs_match: bool  # the compiled output is within (rtol, atol) of eager
+    rtol: float
+    atol: float
+    fx_graph_cache_hits: int = 0
+
+    @property
+    def pairs(self) -> int:
+        """conv -> batch_norm pairs in the model's graph, counted without the pattern matcher."""
+        return len(self.pair_reports)
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(where, reason)`` for each pair that was not folded."""
+        return [(p.conv, p.reason) for p in self.pair_reports if p.status != FOLDED]
+
+    def __str__(self) -> str:
+        head = (
+            f"inductor_convbn: folded {self.folded} of {self.pairs} conv->bn pairs; "
+            f"max abs error vs eager {self.max_abs_error:.3g} "
+            f"({'within' if self.outputs_match else 'OUTSIDE'} rtol={self.rtol:g}, atol={self.atol:g})"
+        )
+        if self.fx_graph_cache_hits:
+            head += f"; {self.fx_graph_cache_hits} graph(s) from the FX graph cache"
+        if not self.pair_reports:
+            return head
+        rows = [("conv", "bn", "kind", "status")] + [
+            (p.conv, p.bn, p.kind, p.status + (f": {p.reason}" if p.reason else ""))
+            for p in self.pair_reports
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [head]
+        for r in rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+        return "\n".join(lines)
+
+
+def _layer_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    if node.op == "call_function":
+        return _LAYER_FNS.get(node.target)
+    if node.op == "call_module":  # dynamo without nn-module inlining (torch < 2.5)
+        module = gm.get_submodule(str(node.target))
+        for cls, kind in _LAYER_MODULES:
+            if type(module) is cls:
+                return kind
+    return None
+
+
+def _bn_state(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[bool, Any] | None:
+    """``(has_running_stats, training)`` when ``node`` is a batch norm, else None."""
+    if node.op == "call_function" and node.target in _BN_FNS:
+        args = list(node.args) + [None] * 8
+        running_mean = node.kwargs.get("running_mean", args[1])
+        training = node.kwargs.get("training", args[5] if len(node.args) > 5 else False)
+        return running_mean is not None, training
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            has_stats = module.running_mean is not None
+            return has_stats, module.training or not has_stats
+    return None
+
+
+def find_pairs(gm: torch.fx.GraphModule) -> list[tuple[str, str, str, str]]:
+    """Every conv -> batch_norm pair of a dynamo graph: ``(conv, bn, kind, reason)``.
+
+    ``reason`` is empty when the pair can be folded without changing results, else why not.
+    This reads the graph dynamo captured, before AOT autograd and Inductor, so it does not
+    depend on the pattern matcher it checks.
+    """
+    pairs = []
+    for node in gm.graph.nodes:
+        state = _bn_state(gm, node)
+        if state is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        layer = node.args[0]
+        kind = _layer_kind(gm, layer)
+        if kind is None:
+            continue
+        has_stats, training = state
+        if not has_stats:
+            reason = "BN has no running statistics (track_running_stats=False)"
+        elif training is not False:
+            reason = "BN is in training mode"
+        elif len(layer.users) > 1:
+            reason = "conv output has other users"
+        else:
+            reason = ""
+        pairs.append((_registry.describe_node(layer), _registry.describe_node(node), kind, reason))
+    return pairs
+
+
+def _fresh_callable(model: Callable[..., Any]) -> Callable[..., Any]:
+    """A wrapper with a code object of its own.
+
+    Dynamo keys its cache on code objects: compiling ``model`` itself could reuse code
+    compiled earlier for another instance of the same class, with or without the plugin.
+    """
+    namespace: dict[str, Any] = {"model": model}
+    code = compile(
+        "def run(*args, **kwargs):\n    return model(*args, **kwargs)\n",
+        f"<inductor_convbn.verify:{next(_wrapper_ids)}>",
+        "exec",
+    )
+    exec(code, namespace)
+    return namespace["run"]
+
+
+_wrapper_ids = itertools.count()
+
+
+@contextlib.contextmanager
+def _tf32_off() -> Iterator[None]:
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _max_abs_error(actual: Any, expected: Any) -> tuple[float, torch.dtype]:
+    flat_actual = torch.utils._pytree.tree_leaves(actual)
+    flat_expected = torch.utils._pytree.tree_leaves(expected)
+    if len(flat_actual) != len(flat_expected):
+        raise AssertionError("compiled and eager outputs differ in structure")
+    error, dtype = 0.0, torch.float32
+    for a, e in zip(flat_actual, flat_expected):
+        if isinstance(e, torch.Tensor) and e.is_floating_point():
+            diff = (a.double() - e.double()).abs()
+            diff = torch.where(torch.isnan(a) & torch.isnan(e), 0.0, diff)
+            error = max(error, float(diff.max()) if diff.numel() else 0.0)
+            dtype = e.dtype
+    return error, dtype
+
+
+def compile_with_plugin(
+    model: Callable[..., Any], *, dynamic: bool | None = None
+) -> tuple[Callable[..., Any], list[tuple[str, str, str, str]]]:
+    """``torch.compile`` ``model`` with the plugin; also return the pairs its graphs hold.
+
+    The pairs list fills when the compiled callable first runs.
+    """
+    pairs: list[tuple[str, str, str, str]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        pairs.extend(find_pairs(gm))
+        with _pass.installed():
+            return _compat.compile_fx(gm, example_inputs)
+
+    return torch.compile(_fresh_callable(model), backend=backend, dynamic=dynamic), pairs
+
+
+def verify(
+    model: torch.nn.Module,
+    *example_inputs: Any,
+    rtol: float | None = None,
+    atol: float | None = None,
+    dynamic: bool | None = None,
+) -> FoldReport:
+    """Compile a copy of ``model`` with the plugin, run it, and report the folds.
+
+    Runs under ``torch.no_grad()`` with TF32 off. ``model`` itself is left as it is.
+    Tolerances default per output dtype (``DEFAULT_TOLERANCES``).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"verify() takes an nn.Module, got {type(model).__name__}")
+    if not example_inputs:
+        raise TypeError("verify() needs at least one example input")
+    reference = model
+    candidate = copy.deepcopy(model)
+    _registry.take_events()
+    before = _compat.counters["inductor"].copy()
+    with torch.no_grad(), _tf32_off():
+        expected = reference(*example_inputs)
+        compiled, pairs = compile_with_plugin(candidate, dynamic=dynamic)
+        actual = compiled(*example_inputs)
+    delta = _compat.counters["inductor"] - before
+    events = _registry.take_events()
+    error, dtype = _max_abs_error(actual, expected)
+    default_rtol, default_atol = DEFAULT_TOLERANCES.get(dtype, (1e-4, 1e-4))
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+
+    try:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+        outputs_match = True
+    except AssertionError:
+        outputs_match = False
+    return FoldReport(
+        pair_reports=_attribute(pairs, events, delta["inductor_convbn_folded"]),
+        folded=delta["inductor_convbn_folded"],
+        max_abs_error=error,
+        outputs_match=outputs_match,
+        rtol=rtol,
+        atol=atol,
+        fx_graph_cache_hits=delta["fxgraph_cache_hit"],
+    )
+
+
+def _attribute(
+    pairs: list[tuple[str, str, str, str]], events: list[tuple[str, str, str]], folded: int
+) -> list[PairReport]:
+    """Give each pair its status: the pass's own record where it ran, else the count.
+
+    On an FX graph cache hit the pass does not run; Inductor replays its counters, so the
+    count of folds is known but not which pair each one was.
+    """
+    recorded = Counter(where for status, where, _ in events if status == FOLDED)
+    refused = {where: reason for status, where, reason in events if status == SKIPPED}
+    unrecorded = folded - sum(recorded.values())
+    reports = []
+    for conv, bn, kind, reason in pairs:
+        if reason:
+            reports.append(PairReport(conv, bn, kind, SKIPPED, reason))
+        elif recorded[conv] > 0:
+            recorded[conv] -= 1
+            reports.append(PairReport(conv, bn, kind, FOLDED))
+        elif conv in refused:
+            reports.append(PairReport(conv, bn, kind, SKIPPED, refused[conv]))
+        elif unrecorded > 0:
+            unrecorded -= 1
+            reports.append(PairReport(conv, bn, kind, FOLDED, "from the FX graph cache"))
+        else:
+            reports.append(
+                PairReport(conv, bn, kind, SKIPPED, "eligible, but the pattern did not match")
+            )
+    return reports
+
+
