@@ -37,17 +37,17 @@ _events_lock = threading.Lock()
 PATTERNS = _compat.PatternMatcherPass(pass_name="inductor_convbn")
 
 _HYPER_PARAMS = ("stride", "padding", "dilation", "output_padding")
-# Sentinels for the scalars that become wildcards. They must be distinct from each other
-# and from any value a real graph holds in those positions (a real value equal to a sentinel
-# would be read as that wildcard). Stride > padding keeps the traced transposed conv's output
-# size positive; output_padding < stride keeps it legal.
+# Sentinels for the scalars that become wildcards: distinct from each other and from the
+# other literals of the traced graph. (A real value equal to one is harmless: the match binds
+# it either way.) Stride > padding keeps the traced transposed conv's output size positive,
+# output_padding < stride keeps it legal, and small values keep the fake shapes small.
 _SENTINEL_BASE = {
-    "stride": 1_000_003,
-    "padding": 200_003,
-    "dilation": 300_007,
-    "output_padding": 400_009,
+    "stride": 1009,
+    "padding": 211,
+    "dilation": 401,
+    "output_padding": 307,
 }
-_GROUPS_SENTINEL = 500_009
+_GROUPS_SENTINEL = 131
 _EPS_SENTINEL = 9.876_543e-7
 
 

@@ -20,6 +20,7 @@ __all__ = ["FoldReport", "PairReport", "find_pairs", "verify"]
 
 FOLDED = "folded"
 SKIPPED = "skipped"
+NOT_MATCHED = "eligible, but the pattern did not match"
 
 # Layer calls as dynamo records them (torch.nn.functional.conv2d is torch.conv2d).
 _LAYER_FNS: dict[Any, str] = {
@@ -79,6 +80,11 @@ class FoldReport:
     def pairs(self) -> int:
         """conv -> batch_norm pairs in the model's graph, counted without the pattern matcher."""
         return len(self.pair_reports)
+
+    @property
+    def missed(self) -> list[str]:
+        """Pairs that could have been folded safely but were not: a plugin bug."""
+        return [p.conv for p in self.pair_reports if p.reason == NOT_MATCHED]
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -294,9 +300,7 @@ def _attribute(
             unrecorded -= 1
             reports.append(PairReport(conv, bn, kind, FOLDED, "from the FX graph cache"))
         else:
-            reports.append(
-                PairReport(conv, bn, kind, SKIPPED, "eligible, but the pattern did not match")
-            )
+            reports.append(PairReport(conv, bn, kind, SKIPPED, NOT_MATCHED))
     return reports
 
 

@@ -1,0 +1,40 @@
+import os
+import tempfile
+
+# A fresh Inductor cache per test session: earlier runs' compiled graphs would skip the pass.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_convbn-tests-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from inductor_convbn import _compat, _pass  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _clean_global_state():
+    """Each test starts from no plugin, no compiled code, zeroed counters, TF32 off."""
+    saved_pass = _compat.inductor_config.post_grad_custom_post_pass
+    saved_installed = _pass._installed
+    saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    _compat.dynamo_reset()
+    _compat.counters.clear()
+    try:
+        yield
+    finally:
+        _compat.inductor_config.post_grad_custom_post_pass = saved_pass
+        _pass._installed = saved_installed
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+        _compat.dynamo_reset()

@@ -1,0 +1,222 @@
+"""The plugin folds every eligible conv -> BN pair under torch.compile, and nothing else.
+
+Each case compiles through ``verify()``, which counts pairs in dynamo's graph (independent of
+the pattern matcher), reads the plugin's own counter, and compares with eager (TF32 off).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+from torch import nn
+
+import inductor_convbn
+from inductor_convbn import _compat
+from inductor_convbn.testing import randomize_batch_norm
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+TCONV = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+# Hyper-parameters no default-traced pattern would match, and the defaults.
+HYPER = {
+    "defaults": dict(kernel_size=1),
+    "strided": dict(kernel_size=3, stride=2, padding=1),
+    "dilated-grouped": dict(kernel_size=3, stride=(1, 2, 1), padding=2, dilation=2, groups=2),
+}
+
+
+def _hyper(name, rank, transposed):
+    kw = dict(HYPER[name])
+    for key in ("stride", "padding", "dilation"):
+        if isinstance(kw.get(key), tuple):
+            kw[key] = kw[key][:rank]
+    if transposed and name != "defaults":
+        kw["output_padding"] = 1
+    return kw
+
+
+def conv_bn(rank, transposed=False, bias=True, affine=True, eps=1e-5, hyper="strided", bn_cls=None):
+    torch.manual_seed(0)
+    conv_cls = (TCONV if transposed else CONV)[rank]
+    conv = conv_cls(4, 6, bias=bias, **_hyper(hyper, rank, transposed))
+    bn = (bn_cls or BN[rank])(6, affine=affine, eps=eps)
+    return randomize_batch_norm(nn.Sequential(conv, bn, nn.ReLU())).eval()
+
+
+def _input(rank, batch=2, size=9, **kw):
+    return torch.randn(batch, 4, *[size] * rank, generator=torch.Generator().manual_seed(1), **kw)
+
+
+def assert_folds(report, pairs, folded=None):
+    folded = pairs if folded is None else folded
+    assert report.outputs_match, report
+    assert report.pairs == pairs, report
+    assert report.folded == folded, report
+    assert not report.missed, report
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+@pytest.mark.parametrize("hyper", list(HYPER))
+@pytest.mark.parametrize(("bias", "affine"), [(False, True), (True, False)], ids=["nobias-affine", "bias-noaffine"])
+def test_folds_every_conv_kind(rank, transposed, hyper, bias, affine):
+    model = conv_bn(rank, transposed, bias, affine, hyper=hyper)
+    assert_folds(inductor_convbn.verify(model, _input(rank)), 1)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-5, 0.1])
+def test_folds_any_eps_and_momentum(eps):
+    model = conv_bn(2, eps=eps)
+    model[1].momentum = None
+    assert_folds(inductor_convbn.verify(model, _input(2)), 1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+def test_folds_linear_then_batchnorm1d(bias, affine):
+    torch.manual_seed(0)
+    model = randomize_batch_norm(nn.Sequential(nn.Linear(5, 6, bias=bias), nn.BatchNorm1d(6, affine=affine))).eval()
+    assert_folds(inductor_convbn.verify(model, torch.randn(3, 5)), 1)
+
+
+def test_folds_functional_batch_norm():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 3, padding=1)
+            self.register_buffer("mean", torch.linspace(-0.5, 0.5, 6))
+            self.register_buffer("var", torch.linspace(0.5, 2.0, 6))
+
+        def forward(self, x):
+            return F.batch_norm(self.conv(x), self.mean, self.var, eps=1e-3)
+
+    assert_folds(inductor_convbn.verify(Functional().eval(), _input(2)), 1)
+
+
+def test_folds_sync_batch_norm_in_eval():
+    model = conv_bn(2, bn_cls=nn.SyncBatchNorm)
+    assert_folds(inductor_convbn.verify(model, _input(2)), 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rank", [1, 2])
+def test_folds_half_precision(device, dtype, rank):
+    model = conv_bn(rank).to(device, dtype)
+    assert_folds(inductor_convbn.verify(model, _input(rank).to(device, dtype)), 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_folds_half_conv_with_float32_batch_norm(device):
+    model = conv_bn(2).to(device)
+    model[0].half()
+    x = _input(2).to(device).half()
+    assert_folds(inductor_convbn.verify(model, x), 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("rank", "memory_format"), [(2, torch.channels_last), (3, torch.channels_last_3d)])
+def test_folds_channels_last(device, rank, memory_format):
+    model = conv_bn(rank).to(device, memory_format=memory_format)
+    x = _input(rank).to(device, memory_format=memory_format)
+    assert_folds(inductor_convbn.verify(model, x), 1)
+
+
+def test_folds_with_dynamic_batch_size():
+    model = conv_bn(2)
+    with inductor_convbn.installed(), torch.no_grad():
+        compiled = torch.compile(model, dynamic=True)
+        for batch in (2, 5):
+            x = _input(2, batch=batch)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1
+    assert _compat.counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_model_follows_parameter_updates():
+    # Without freezing the fold is computed from the live parameters on every call.
+    model = conv_bn(2)
+    x = _input(2)
+    with inductor_convbn.installed(), torch.no_grad():
+        compiled = torch.compile(model)
+        compiled(x)
+        model[1].running_var.mul_(4.0)
+        model[1].weight.add_(1.0)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1
+
+
+class TwoUsers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_skips_conv_output_with_other_users():
+    report = inductor_convbn.verify(randomize_batch_norm(TwoUsers()).eval(), _input(2))
+    assert report.outputs_match and report.pairs == 1 and report.folded == 0
+    assert report.skipped == [("conv", "conv output has other users")]
+
+
+def test_skips_training_mode_batch_norm():
+    model = conv_bn(2)
+    model[1].train()
+    report = inductor_convbn.verify(model, _input(2))
+    assert report.outputs_match and report.pairs == 1 and report.folded == 0
+    assert report.skipped == [("0", "BN is in training mode")]
+
+
+def test_skips_batch_norm_without_running_stats():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, track_running_stats=False)).eval()
+    report = inductor_convbn.verify(model, _input(2))
+    assert report.outputs_match and report.pairs == 1 and report.folded == 0
+    assert report.skipped == [("0", "BN has no running statistics (track_running_stats=False)")]
+
+
+def test_mixed_model_folds_only_the_eligible_pairs():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6),
+        nn.Conv2d(6, 6, 3, groups=3), nn.BatchNorm2d(6, track_running_stats=False),
+        nn.ConvTranspose2d(6, 4, 2, stride=2), nn.BatchNorm2d(4, eps=1e-3),
+    )  # fmt: skip
+    report = inductor_convbn.verify(randomize_batch_norm(model).eval(), _input(2))
+    assert_folds(report, pairs=3, folded=2)
+    assert [p.status for p in report.pair_reports] == ["folded", "skipped", "folded"]
+
+
+def test_report_names_pairs_and_renders():
+    report = inductor_convbn.verify(conv_bn(2), _input(2))
+    assert [(p.conv, p.bn, p.kind, p.status) for p in report.pair_reports] == [("0", "1", "conv2d", "folded")]
+    text = str(report)
+    assert "folded 1 of 1 conv->bn pairs" in text and "conv2d" in text
+
+
+def test_nothing_folded_without_install():
+    model = conv_bn(2)
+    with torch.no_grad():
+        torch.compile(model)(_input(2))
+    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 0
+
+
+def test_verify_leaves_model_and_config_untouched():
+    model = conv_bn(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inductor_convbn.verify(model, _input(2))
+    assert not inductor_convbn.is_installed()
+    assert _compat.inductor_config.post_grad_custom_post_pass is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_verify_rejects_bad_input():
+    with pytest.raises(TypeError, match="nn.Module"):
+        inductor_convbn.verify(lambda x: x, torch.randn(1))
+    with pytest.raises(TypeError, match="example input"):
+        inductor_convbn.verify(conv_bn(2))
