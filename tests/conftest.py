@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 def _clean_global_state():
     """Each test starts from no plugin, no compiled code, zeroed counters, TF32 off."""
     saved_pass = _compat.inductor_config.post_grad_custom_post_pass
-    saved_installed = _pass._installed
+    saved_installed = _pass._installed_here.get()
     saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -35,6 +35,6 @@ def _clean_global_state():
         yield
     finally:
         _compat.inductor_config.post_grad_custom_post_pass = saved_pass
-        _pass._installed = saved_installed
+        _pass._installed_here.set(saved_installed)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
         _compat.dynamo_reset()

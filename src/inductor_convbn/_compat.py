@@ -27,6 +27,7 @@ from torch._inductor.pattern_matcher import (
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 __all__ = [
+    "CONFIG_IS_THREAD_LOCAL",
     "CustomGraphPass",
     "Match",
     "PatternMatcherPass",
@@ -39,6 +40,12 @@ __all__ = [
     "pattern_tracing_mode",
     "register_pattern",
 ]
+
+# torch 2.14 keeps user overrides of Inductor's config in ContextVars: a value set in one
+# thread is not seen by another. Older releases keep one process-wide value.
+CONFIG_IS_THREAD_LOCAL = hasattr(
+    getattr(inductor_config, "_config", {}).get("post_grad_custom_post_pass"), "user_override"
+)
 
 # `skip_duplicates` arrived in torch 2.7; before it a duplicate pattern raised.
 _HAS_SKIP_DUPLICATES = "skip_duplicates" in inspect.signature(register_replacement).parameters

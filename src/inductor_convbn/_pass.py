@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -57,20 +58,28 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
 
 
 _lock = threading.RLock()
-_installed: ConvBnFoldPass | None = None
+# What this context installed, to tell "never installed" from "replaced since". A ContextVar
+# because Inductor's config overrides are per thread on releases that keep them in
+# ContextVars (torch 2.14); on older releases the config is process-wide.
+_installed_here: contextvars.ContextVar[ConvBnFoldPass | None] = contextvars.ContextVar(
+    "inductor_convbn_installed", default=None
+)
 
 
 def install() -> None:
     """Fold conv -> batch_norm in every graph ``torch.compile`` compiles from now on.
 
-    Idempotent. A post-grad pass installed before keeps running, before ours.
+    Idempotent. A post-grad pass installed before keeps running, before ours. Where
+    torch keeps Inductor's config per thread (``_compat.CONFIG_IS_THREAD_LOCAL``), this
+    applies to the calling thread: call it in the thread that compiles.
     """
-    global _installed
     with _lock:
-        if _installed is not None and _compat.inductor_config.post_grad_custom_post_pass is _installed:
+        current = _compat.inductor_config.post_grad_custom_post_pass
+        if isinstance(current, ConvBnFoldPass):
             return
-        _installed = ConvBnFoldPass(_compat.inductor_config.post_grad_custom_post_pass)
-        _compat.inductor_config.post_grad_custom_post_pass = _installed
+        fold_pass = ConvBnFoldPass(current)
+        _compat.inductor_config.post_grad_custom_post_pass = fold_pass
+        _installed_here.set(fold_pass)
 
 
 def uninstall() -> None:
@@ -79,27 +88,21 @@ def uninstall() -> None:
     Does nothing when not installed. Raises ``RuntimeError`` when another library replaced
     the pass since, rather than dropping that library's pass.
     """
-    global _installed
     with _lock:
-        if _installed is None:
-            return
         current = _compat.inductor_config.post_grad_custom_post_pass
-        if current is not _installed:
+        if isinstance(current, ConvBnFoldPass):
+            _compat.inductor_config.post_grad_custom_post_pass = current.previous
+        elif _installed_here.get() is not None:
             raise RuntimeError(
                 "inductor_convbn: torch._inductor.config.post_grad_custom_post_pass was "
                 f"replaced after install() (it is now {current!r}); not touching it"
             )
-        _compat.inductor_config.post_grad_custom_post_pass = _installed.previous
-        _installed = None
+        _installed_here.set(None)
 
 
 def is_installed() -> bool:
     """Whether the fold pass is the current ``post_grad_custom_post_pass``."""
-    with _lock:
-        return (
-            _installed is not None
-            and _compat.inductor_config.post_grad_custom_post_pass is _installed
-        )
+    return isinstance(_compat.inductor_config.post_grad_custom_post_pass, ConvBnFoldPass)
 
 
 @contextlib.contextmanager

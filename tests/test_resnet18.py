@@ -1,0 +1,45 @@
+"""torchvision ResNet18: all 20 conv -> BN pairs folded, also through the FX graph cache."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import inductor_convbn
+from inductor_convbn.testing import torchvision_model
+
+pytest.importorskip("torchvision")
+
+_SECOND_PROCESS = r"""
+import json, torch, inductor_convbn
+from inductor_convbn.testing import torchvision_model
+report = inductor_convbn.verify(torchvision_model("resnet18"), torch.randn(1, 3, 64, 64))
+print(json.dumps({"pairs": report.pairs, "folded": report.folded, "hits": report.fx_graph_cache_hits,
+                  "match": report.outputs_match, "missed": report.missed}))
+"""
+
+
+def test_resnet18_folds_all_twenty_pairs():
+    report = inductor_convbn.verify(torchvision_model("resnet18"), torch.randn(2, 3, 64, 64))
+    assert report.outputs_match, report
+    assert report.folded == report.pairs == 20, report
+    assert all(p.status == "folded" for p in report.pair_reports)
+    assert report.pair_reports[0].conv == "conv1" and report.pair_reports[0].bn == "bn1"
+
+
+def test_resnet18_second_process_hits_fx_graph_cache_and_still_reports_folds(tmp_path):
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", _SECOND_PROCESS], env=env, capture_output=True, text=True, check=True
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["hits"] == 0 and second["hits"] >= 1
+    for run in runs:
+        assert run["match"] and not run["missed"]
+        assert run["pairs"] == run["folded"] == 20
