@@ -74,5 +74,7 @@ def test_fold_runs_in_float32_and_casts_back(dtype):
 def test_fold_keeps_channels_last():
     conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
     bn = randomize_batch_norm(nn.BatchNorm2d(4)).eval()
-    weight, _ = fold_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps)
+    weight, _ = fold_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps
+    )
     assert weight.is_contiguous(memory_format=torch.channels_last)

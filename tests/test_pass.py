@@ -6,10 +6,10 @@ import threading
 
 import pytest
 import torch
-from conftest import DEVICES  # noqa: F401
 from torch import nn
 
 import inductor_convbn
+from conftest import DEVICES  # noqa: F401
 from inductor_convbn import ConvBnFoldPass, _compat
 from inductor_convbn.testing import randomize_batch_norm
 
@@ -114,7 +114,11 @@ def test_plugin_does_not_bypass_fx_graph_cache():
     inductor_convbn.install()
     _compile_small()
     assert _compat.counters["inductor"]["fxgraph_cache_bypass"] == 0
-    assert _compat.counters["inductor"]["fxgraph_cache_miss"] + _compat.counters["inductor"]["fxgraph_cache_hit"] == 1
+    assert (
+        _compat.counters["inductor"]["fxgraph_cache_miss"]
+        + _compat.counters["inductor"]["fxgraph_cache_hit"]
+        == 1
+    )
 
 
 def test_import_traces_nothing_and_leaves_cuda_alone():

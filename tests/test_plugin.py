@@ -7,10 +7,10 @@ the pattern matcher), reads the plugin's own counter, and compares with eager (T
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES
 from torch import nn
 
 import inductor_convbn
+from conftest import DEVICES
 from inductor_convbn import _compat
 from inductor_convbn.testing import randomize_batch_norm
 
@@ -59,7 +59,9 @@ def assert_folds(report, pairs, folded=None):
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
 @pytest.mark.parametrize("hyper", list(HYPER))
-@pytest.mark.parametrize(("bias", "affine"), [(False, True), (True, False)], ids=["nobias-affine", "bias-noaffine"])
+@pytest.mark.parametrize(
+    ("bias", "affine"), [(False, True), (True, False)], ids=["nobias-affine", "bias-noaffine"]
+)
 def test_folds_every_conv_kind(rank, transposed, hyper, bias, affine):
     model = conv_bn(rank, transposed, bias, affine, hyper=hyper)
     assert_folds(inductor_convbn.verify(model, _input(rank)), 1)
@@ -76,8 +78,21 @@ def test_folds_any_eps_and_momentum(eps):
 @pytest.mark.parametrize("affine", [False, True])
 def test_folds_linear_then_batchnorm1d(bias, affine):
     torch.manual_seed(0)
-    model = randomize_batch_norm(nn.Sequential(nn.Linear(5, 6, bias=bias), nn.BatchNorm1d(6, affine=affine))).eval()
+    model = randomize_batch_norm(
+        nn.Sequential(nn.Linear(5, 6, bias=bias), nn.BatchNorm1d(6, affine=affine))
+    ).eval()
     assert_folds(inductor_convbn.verify(model, torch.randn(3, 5)), 1)
+
+
+def test_skips_linear_whose_output_features_are_not_bn_channels():
+    # Linear acts on the last dim of (N, C, L); BatchNorm1d(C) normalises dim 1.
+    torch.manual_seed(0)
+    model = randomize_batch_norm(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(4))).eval()
+    report = inductor_convbn.verify(model, torch.randn(3, 4, 5))
+    assert report.outputs_match and report.pairs == 1 and report.folded == 0, report
+    assert report.skipped == [
+        ("0", "linear output is not 2-D: BN normalises dim 1, not the output features")
+    ]
 
 
 def test_folds_functional_batch_norm():
@@ -116,7 +131,9 @@ def test_folds_half_conv_with_float32_batch_norm(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("rank", "memory_format"), [(2, torch.channels_last), (3, torch.channels_last_3d)])
+@pytest.mark.parametrize(
+    ("rank", "memory_format"), [(2, torch.channels_last), (3, torch.channels_last_3d)]
+)
 def test_folds_channels_last(device, rank, memory_format):
     model = conv_bn(rank).to(device, memory_format=memory_format)
     x = _input(rank).to(device, memory_format=memory_format)
@@ -194,7 +211,9 @@ def test_mixed_model_folds_only_the_eligible_pairs():
 
 def test_report_names_pairs_and_renders():
     report = inductor_convbn.verify(conv_bn(2), _input(2))
-    assert [(p.conv, p.bn, p.kind, p.status) for p in report.pair_reports] == [("0", "1", "conv2d", "folded")]
+    assert [(p.conv, p.bn, p.kind, p.status) for p in report.pair_reports] == [
+        ("0", "1", "conv2d", "folded")
+    ]
     text = str(report)
     assert "folded 1 of 1 conv->bn pairs" in text and "conv2d" in text
 

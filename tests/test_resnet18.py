@@ -17,8 +17,10 @@ _SECOND_PROCESS = r"""
 import json, torch, inductor_convbn
 from inductor_convbn.testing import torchvision_model
 report = inductor_convbn.verify(torchvision_model("resnet18"), torch.randn(1, 3, 64, 64))
-print(json.dumps({"pairs": report.pairs, "folded": report.folded, "hits": report.fx_graph_cache_hits,
-                  "match": report.outputs_match, "missed": report.missed}))
+print(json.dumps({
+    "pairs": report.pairs, "folded": report.folded, "hits": report.fx_graph_cache_hits,
+    "match": report.outputs_match, "missed": report.missed,
+}))
 """
 
 
@@ -35,7 +37,11 @@ def test_resnet18_second_process_hits_fx_graph_cache_and_still_reports_folds(tmp
     runs = []
     for _ in range(2):
         out = subprocess.run(
-            [sys.executable, "-c", _SECOND_PROCESS], env=env, capture_output=True, text=True, check=True
+            [sys.executable, "-c", _SECOND_PROCESS],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     first, second = runs

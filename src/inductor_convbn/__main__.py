@@ -42,19 +42,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = _DTYPES[args.dtype]
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device=args.device, dtype=dtype, memory_format=memory_format)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
+    model = model.to(device=args.device, dtype=dtype).to(memory_format=memory_format)
+    x = torch.randn(
+        args.batch_size,
+        3,
+        args.image_size,
+        args.image_size,
+        generator=torch.Generator().manual_seed(0),
+    )
     x = x.to(device=args.device, dtype=dtype, memory_format=memory_format)
 
-    print(f"compiling {args.model} with the plugin ({args.device}, {args.dtype}, batch {args.batch_size}) ...", flush=True)
+    print(
+        f"compiling {args.model} with the plugin "
+        f"({args.device}, {args.dtype}, batch {args.batch_size}) ...",
+        flush=True,
+    )
     report = _report.verify(model, x)
     print(report, flush=True)
 
     if not args.no_timing:
-        print("timing plain torch.compile against torch.compile + plugin (caches off) ...", flush=True)
+        print(
+            "timing plain torch.compile against torch.compile + plugin (caches off) ...", flush=True
+        )
         timings = _timing.compare_compiled(model, x)
         base = timings["torch.compile"]["median_call_s"]
-        print(f"  {'variant':24s}{'first call (compile) s':>24s}{'median call ms':>16s}{'ratio':>8s}")
+        print(
+            f"  {'variant':24s}{'first call (compile) s':>24s}{'median call ms':>16s}{'ratio':>8s}"
+        )
         for name, t in timings.items():
             print(
                 f"  {name:24s}{t['first_call_s']:24.1f}{t['median_call_s'] * 1e3:16.3f}"

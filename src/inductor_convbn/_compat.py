@@ -65,9 +65,7 @@ def register_pattern(
     Two templates can trace to the same graph (an fp16 conv followed by an fp16 or an fp32
     batch norm, on some releases); the second registration is then a no-op.
     """
-    kwargs: dict[str, Any] = dict(
-        extra_check=extra_check, scalar_workaround=scalar_workaround
-    )
+    kwargs: dict[str, Any] = dict(extra_check=extra_check, scalar_workaround=scalar_workaround)
     if _HAS_SKIP_DUPLICATES:  # torch >= 2.7
         kwargs["skip_duplicates"] = True
         return bool(

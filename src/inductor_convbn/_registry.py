@@ -106,7 +106,7 @@ def _pattern_fns(t: FoldTemplate) -> tuple[Callable[..., Any], Callable[..., Any
     names = t.tensor_args() + list(t.scalar_args())
 
     def unpack(args: tuple[Any, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
-        a = dict(zip(names, args))
+        a = dict(zip(names, args, strict=True))
         conv_args: dict[str, Any] = {}
         if t.layer == "conv":
             conv_args = {k: [a[f"{k}{i}"] for i in range(t.rank)] for k in _HYPER_PARAMS}
@@ -199,29 +199,42 @@ def _constant_value(node: Any) -> torch.Tensor | None:
 def _check_fold(match: _compat.Match) -> bool:
     """Accept or refuse one matched pair, and record which, with the reason."""
     layer = next(
-        n for n in match.nodes if n.target in (aten.convolution.default, aten.addmm.default, aten.mm.default)
+        n
+        for n in match.nodes
+        if n.target in (aten.convolution.default, aten.addmm.default, aten.mm.default)
     )
     where = describe_node(layer)
-    # Constants (Inductor freezing) let the fold be checked now: never turn finite BN
-    # output into a non-finite weight, e.g. a huge scale that overflows fp16.
-    names = ("w", "b", "mean", "var", "gamma", "beta")
-    values = {n: _constant_value(match.kwargs.get(n)) for n in names}
-    if all(values[n] is not None for n in names if n in match.kwargs):
-        transposed = bool(layer.args[6]) if layer.target is aten.convolution.default else False
-        groups = int(layer.args[8]) if layer.target is aten.convolution.default else 1
-        w, b = fold_conv_bn_weights(
-            values["w"], values["b"], values["mean"], values["var"], float(match.kwargs["eps"]),
-            values["gamma"], values["beta"], transposed=transposed, groups=groups,
-        )  # fmt: skip
-        inputs_finite = all(
-            bool(torch.isfinite(v).all()) for v in values.values() if v is not None
-        )
-        if inputs_finite and not (torch.isfinite(w).all() and torch.isfinite(b).all()):
-            _record("skipped", where, f"folded weight is not finite in {w.dtype}")
-            _compat.counters["inductor"]["inductor_convbn_skipped"] += 1
-            return False
+    dtype = _nonfinite_fold_dtype(match, layer)
+    if dtype is not None:
+        _record("skipped", where, f"folded weight is not finite in {dtype}")
+        _compat.counters["inductor"]["inductor_convbn_skipped"] += 1
+        return False
     _record("folded", where, "")
     return True
+
+
+def _nonfinite_fold_dtype(match: _compat.Match, layer: torch.fx.Node) -> torch.dtype | None:
+    """The weight dtype when folding finite constants gives a non-finite weight, else None.
+
+    Only constants (Inductor freezing) can be checked at compile time: a huge BN scale can
+    overflow an fp16 weight although BN's own fp32 arithmetic stays finite.
+    """
+    names = [n for n in ("w", "b", "mean", "var", "gamma", "beta") if n in match.kwargs]
+    values = {n: _constant_value(match.kwargs[n]) for n in names}
+    constants = {n: v for n, v in values.items() if v is not None}
+    if len(constants) != len(names):
+        return None
+    if not all(bool(torch.isfinite(v).all()) for v in constants.values()):
+        return None  # BN's own output is not finite either: nothing to protect
+    w, b = fold_conv_bn_weights(
+        constants["w"], constants.get("b"), constants["mean"], constants["var"],
+        float(match.kwargs["eps"]), constants.get("gamma"), constants.get("beta"),
+        transposed=layer.target is aten.convolution.default and bool(layer.args[6]),
+        groups=int(match.kwargs.get("groups", 1)),
+    )  # fmt: skip
+    if bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all()):
+        return None
+    return w.dtype
 
 
 def _record(status: str, where: str, reason: str) -> None:
@@ -238,9 +251,7 @@ def take_events() -> list[tuple[str, str, str]]:
 
 
 @functools.cache
-def _register(
-    t: FoldTemplate, dtype: torch.dtype, bn_dtype: torch.dtype, device: str
-) -> bool:
+def _register(t: FoldTemplate, dtype: torch.dtype, bn_dtype: torch.dtype, device: str) -> bool:
     search, replace = _pattern_fns(t)
     with _compat.pattern_tracing_mode():
         return _compat.register_pattern(
@@ -294,4 +305,3 @@ def fold(graph: torch.fx.Graph) -> int:
     if count:
         _compat.counters["inductor"]["inductor_convbn_folded"] += count
     return count
-

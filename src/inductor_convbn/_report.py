@@ -95,7 +95,8 @@ class FoldReport:
         head = (
             f"inductor_convbn: folded {self.folded} of {self.pairs} conv->bn pairs; "
             f"max abs error vs eager {self.max_abs_error:.3g} "
-            f"({'within' if self.outputs_match else 'OUTSIDE'} rtol={self.rtol:g}, atol={self.atol:g})"
+            f"({'within' if self.outputs_match else 'OUTSIDE'} "
+            f"rtol={self.rtol:g}, atol={self.atol:g})"
         )
         if self.fx_graph_cache_hits:
             head += f"; {self.fx_graph_cache_hits} graph(s) from the FX graph cache"
@@ -108,7 +109,8 @@ class FoldReport:
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [head]
         for r in rows:
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+            cells = (c.ljust(w) for c, w in zip(r[:3], widths, strict=True))
+            lines.append("  " + "  ".join(cells) + "  " + r[3])
         return "\n".join(lines)
 
 
@@ -138,6 +140,11 @@ def _bn_state(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[bool, Any]
     return None
 
 
+def _rank(node: torch.fx.Node) -> int | None:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
 def find_pairs(gm: torch.fx.GraphModule) -> list[tuple[str, str, str, str]]:
     """Every conv -> batch_norm pair of a dynamo graph: ``(conv, bn, kind, reason)``.
 
@@ -161,6 +168,8 @@ def find_pairs(gm: torch.fx.GraphModule) -> list[tuple[str, str, str, str]]:
             reason = "BN is in training mode"
         elif len(layer.users) > 1:
             reason = "conv output has other users"
+        elif kind == "linear" and _rank(layer) != 2:
+            reason = "linear output is not 2-D: BN normalises dim 1, not the output features"
         else:
             reason = ""
         pairs.append((_registry.describe_node(layer), _registry.describe_node(node), kind, reason))
@@ -203,7 +212,7 @@ def _max_abs_error(actual: Any, expected: Any) -> tuple[float, torch.dtype]:
     if len(flat_actual) != len(flat_expected):
         raise AssertionError("compiled and eager outputs differ in structure")
     error, dtype = 0.0, torch.float32
-    for a, e in zip(flat_actual, flat_expected):
+    for a, e in zip(flat_actual, flat_expected, strict=True):
         if isinstance(e, torch.Tensor) and e.is_floating_point():
             diff = (a.double() - e.double()).abs()
             diff = torch.where(torch.isnan(a) & torch.isnan(e), 0.0, diff)
@@ -302,5 +311,3 @@ def _attribute(
         else:
             reports.append(PairReport(conv, bn, kind, SKIPPED, NOT_MATCHED))
     return reports
-
-

@@ -27,7 +27,7 @@ def randomize_batch_norm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
     for module in model.modules():
         if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             continue
-        if module.running_mean is not None:
+        if module.running_mean is not None and module.running_var is not None:
             uniform(module.running_mean, -0.5, 0.5)
             uniform(module.running_var, 0.5, 2.0)
         if module.affine:
