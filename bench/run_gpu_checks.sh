@@ -11,8 +11,9 @@ python3 - <<'PY' | tee "$out/environment.txt"
 import torch
 print("torch", torch.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name())
 PY
-python3 -m pytest -q -p no:cacheprovider -p no:logging tests 2>&1 | tail -25 | tee "$out/pytest.txt"
-status=${PIPESTATUS[0]}
+python3 -m pytest -q -p no:cacheprovider -p no:logging -rfs tests > "$out/pytest-full.txt" 2>&1
+status=$?
+grep -E "^(FAILED|ERROR)|passed|failed" "$out/pytest-full.txt" | tail -20
 python3 -m inductor_convbn resnet18 --device cuda 2>&1 | grep -v Warning | tee "$out/resnet18-fp32-b1.txt"
 python3 -m inductor_convbn resnet18 --device cuda --dtype bfloat16 --channels-last --batch-size 32 2>&1 \
   | grep -v Warning | tee "$out/resnet18-bf16-cl-b32.txt"

@@ -8,6 +8,7 @@ it exists for.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,8 +44,13 @@ __all__ = [
 
 # torch 2.14 keeps user overrides of Inductor's config in ContextVars: a value set in one
 # thread is not seen by another. Older releases keep one process-wide value.
-CONFIG_IS_THREAD_LOCAL = hasattr(
-    getattr(inductor_config, "_config", {}).get("post_grad_custom_post_pass"), "user_override"
+CONFIG_IS_THREAD_LOCAL = isinstance(
+    getattr(
+        getattr(inductor_config, "_config", {}).get("post_grad_custom_post_pass"),
+        "user_override",
+        None,
+    ),
+    contextvars.ContextVar,
 )
 
 # `skip_duplicates` arrived in torch 2.7; before it a duplicate pattern raised.

@@ -274,6 +274,9 @@ def verify(
         outputs_match = True
     except AssertionError:
         outputs_match = False
+    names = {name for name, _ in model.named_modules()}
+    pairs = [(_module_name(c, names), _module_name(b, names), k, r) for c, b, k, r in pairs]
+    events = [(status, _module_name(where, names), reason) for status, where, reason in events]
     return FoldReport(
         pair_reports=_attribute(pairs, events, delta["inductor_convbn_folded"]),
         folded=delta["inductor_convbn_folded"],
@@ -283,6 +286,17 @@ def verify(
         atol=atol,
         fx_graph_cache_hits=delta["fxgraph_cache_hit"],
     )
+
+
+def _module_name(path: str, names: set[str]) -> str:
+    """``path`` as the model's own module name: dynamo's paths start from whatever variable
+    held the model (``model.layer1.0.conv1``), and that prefix differs between releases."""
+    atoms = path.split(".")
+    for i in range(len(atoms)):
+        candidate = ".".join(atoms[i:])
+        if candidate in names:
+            return candidate
+    return path
 
 
 def _attribute(
