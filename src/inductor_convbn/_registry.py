@@ -30,9 +30,9 @@ from ._fold import fold_conv_bn_weights
 
 aten = torch.ops.aten
 
-# Folds recorded by the pattern's check, read by the verifier: (status, where, reason).
-_events: list[tuple[str, str, str]] = []
-_events_lock = threading.Lock()
+# Where each fold happened, recorded by the pattern's check and read by the verifier.
+_folds: list[str] = []
+_folds_lock = threading.Lock()
 
 PATTERNS = _compat.PatternMatcherPass(pass_name="inductor_convbn")
 
@@ -185,69 +185,28 @@ def _normalize_module_path(path: str) -> str:
     return path.lstrip(".") or "<root>"
 
 
-def _constant_value(node: Any) -> torch.Tensor | None:
-    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
-        owner = node.graph.owning_module
-        if owner is not None:
-            value = owner
-            for atom in str(node.target).split("."):
-                value = getattr(value, atom)
-            return value if isinstance(value, torch.Tensor) else None
-    return None
+def _record_fold(match: _compat.Match) -> bool:
+    """Record where a matched pair sits; every match is folded.
 
-
-def _check_fold(match: _compat.Match) -> bool:
-    """Accept or refuse one matched pair, and record which, with the reason."""
+    Runs after the exact re-match, just before the replacement. The verifier reads these
+    records to name the folded pairs.
+    """
     layer = next(
         n
         for n in match.nodes
         if n.target in (aten.convolution.default, aten.addmm.default, aten.mm.default)
     )
-    where = describe_node(layer)
-    dtype = _nonfinite_fold_dtype(match, layer)
-    if dtype is not None:
-        _record("skipped", where, f"folded weight is not finite in {dtype}")
-        _compat.counters["inductor"]["inductor_convbn_skipped"] += 1
-        return False
-    _record("folded", where, "")
+    with _folds_lock:
+        _folds.append(describe_node(layer))
     return True
 
 
-def _nonfinite_fold_dtype(match: _compat.Match, layer: torch.fx.Node) -> torch.dtype | None:
-    """The weight dtype when folding finite constants gives a non-finite weight, else None.
-
-    Only constants (Inductor freezing) can be checked at compile time: a huge BN scale can
-    overflow an fp16 weight although BN's own fp32 arithmetic stays finite.
-    """
-    names = [n for n in ("w", "b", "mean", "var", "gamma", "beta") if n in match.kwargs]
-    values = {n: _constant_value(match.kwargs[n]) for n in names}
-    constants = {n: v for n, v in values.items() if v is not None}
-    if len(constants) != len(names):
-        return None
-    if not all(bool(torch.isfinite(v).all()) for v in constants.values()):
-        return None  # BN's own output is not finite either: nothing to protect
-    w, b = fold_conv_bn_weights(
-        constants["w"], constants.get("b"), constants["mean"], constants["var"],
-        float(match.kwargs["eps"]), constants.get("gamma"), constants.get("beta"),
-        transposed=layer.target is aten.convolution.default and bool(layer.args[6]),
-        groups=int(match.kwargs.get("groups", 1)),
-    )  # fmt: skip
-    if bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all()):
-        return None
-    return w.dtype
-
-
-def _record(status: str, where: str, reason: str) -> None:
-    with _events_lock:
-        _events.append((status, where, reason))
-
-
-def take_events() -> list[tuple[str, str, str]]:
-    """The folds and refusals recorded since the last call, oldest first."""
-    with _events_lock:
-        events = list(_events)
-        _events.clear()
-    return events
+def take_folds() -> list[str]:
+    """Where each fold since the last call sits (``describe_node``), oldest first."""
+    with _folds_lock:
+        folds = list(_folds)
+        _folds.clear()
+    return folds
 
 
 @functools.cache
@@ -259,7 +218,7 @@ def _register(t: FoldTemplate, dtype: torch.dtype, bn_dtype: torch.dtype, device
             replace,
             _example_inputs(t, dtype, bn_dtype, device),
             PATTERNS,
-            extra_check=_check_fold,
+            extra_check=_record_fold,
             scalar_workaround=t.scalar_args(),
         )
 

@@ -256,14 +256,14 @@ def verify(
         raise TypeError("verify() needs at least one example input")
     reference = model
     candidate = copy.deepcopy(model)
-    _registry.take_events()
+    _registry.take_folds()
     before = _compat.counters["inductor"].copy()
     with torch.no_grad(), _tf32_off():
         expected = reference(*example_inputs)
         compiled, pairs = compile_with_plugin(candidate, dynamic=dynamic)
         actual = compiled(*example_inputs)
     delta = _compat.counters["inductor"] - before
-    events = _registry.take_events()
+    folds = _registry.take_folds()
     error, dtype = _max_abs_error(actual, expected)
     default_rtol, default_atol = DEFAULT_TOLERANCES.get(dtype, (1e-4, 1e-4))
     rtol = default_rtol if rtol is None else rtol
@@ -276,9 +276,9 @@ def verify(
         outputs_match = False
     names = {name for name, _ in model.named_modules()}
     pairs = [(_module_name(c, names), _module_name(b, names), k, r) for c, b, k, r in pairs]
-    events = [(status, _module_name(where, names), reason) for status, where, reason in events]
+    folds = [_module_name(where, names) for where in folds]
     return FoldReport(
-        pair_reports=_attribute(pairs, events, delta["inductor_convbn_folded"]),
+        pair_reports=_attribute(pairs, folds, delta["inductor_convbn_folded"]),
         folded=delta["inductor_convbn_folded"],
         max_abs_error=error,
         outputs_match=outputs_match,
@@ -300,16 +300,15 @@ def _module_name(path: str, names: set[str]) -> str:
 
 
 def _attribute(
-    pairs: list[tuple[str, str, str, str]], events: list[tuple[str, str, str]], folded: int
+    pairs: list[tuple[str, str, str, str]], folds: list[str], folded: int
 ) -> list[PairReport]:
     """Give each pair its status: the pass's own record where it ran, else the count.
 
     On an FX graph cache hit the pass does not run; Inductor replays its counters, so the
     count of folds is known but not which pair each one was.
     """
-    recorded = Counter(where for status, where, _ in events if status == FOLDED)
-    refused = {where: reason for status, where, reason in events if status == SKIPPED}
-    unrecorded = folded - sum(recorded.values())
+    recorded = Counter(folds)
+    unrecorded = folded - len(folds)
     reports = []
     for conv, bn, kind, reason in pairs:
         if reason:
@@ -317,8 +316,6 @@ def _attribute(
         elif recorded[conv] > 0:
             recorded[conv] -= 1
             reports.append(PairReport(conv, bn, kind, FOLDED))
-        elif conv in refused:
-            reports.append(PairReport(conv, bn, kind, SKIPPED, refused[conv]))
         elif unrecorded > 0:
             unrecorded -= 1
             reports.append(PairReport(conv, bn, kind, FOLDED, "from the FX graph cache"))

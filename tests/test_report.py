@@ -1,0 +1,41 @@
+"""How the verifier gives each pair its status, and how the report reads."""
+
+from inductor_convbn._report import NOT_MATCHED, FoldReport, _attribute, _module_name
+
+PAIRS = [
+    ("conv1", "bn1", "conv2d", ""),
+    ("layer1.0.conv1", "layer1.0.bn1", "conv2d", ""),
+    ("head", "head_bn", "linear", "BN is in training mode"),
+]
+
+
+def test_pairs_recorded_by_the_pass_are_folded_by_name():
+    reports = _attribute(PAIRS, ["layer1.0.conv1", "conv1"], folded=2)
+    assert [(r.conv, r.status, r.reason) for r in reports] == [
+        ("conv1", "folded", ""),
+        ("layer1.0.conv1", "folded", ""),
+        ("head", "skipped", "BN is in training mode"),
+    ]
+
+
+def test_folds_from_the_fx_graph_cache_are_attributed_by_count():
+    reports = _attribute(PAIRS, [], folded=2)
+    assert [(r.status, r.reason) for r in reports[:2]] == [
+        ("folded", "from the FX graph cache")
+    ] * 2
+
+
+def test_an_eligible_pair_without_a_fold_is_reported_as_missed():
+    reports = _attribute(PAIRS, ["conv1"], folded=1)
+    report = FoldReport(reports, folded=1, max_abs_error=0.0, outputs_match=True, rtol=0, atol=0)
+    assert report.missed == ["layer1.0.conv1"] and reports[1].reason == NOT_MATCHED
+    assert report.pairs == 3
+    assert report.skipped == [("layer1.0.conv1", NOT_MATCHED), ("head", "BN is in training mode")]
+    assert "folded 1 of 3 conv->bn pairs" in str(report)
+
+
+def test_module_names_drop_the_variable_dynamo_started_from():
+    names = {"", "conv1", "layer1", "layer1.0", "layer1.0.conv1"}
+    assert _module_name("model.layer1.0.conv1", names) == "layer1.0.conv1"
+    assert _module_name("conv1", names) == "conv1"
+    assert _module_name("elsewhere.op", names) == "elsewhere.op"
