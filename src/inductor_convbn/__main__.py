@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import _report, _timing, testing
+from . import _registry, _report, _timing, testing
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,20 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     report = _report.verify(model, x)
     print(report, flush=True)
 
+    print(
+        f"plugin pass: {_registry.pass_time.total_s:.2f} s of compile time "
+        f"({_registry.pass_time.tracing_s:.2f} s tracing patterns)",
+        flush=True,
+    )
     if not args.no_timing:
+        print("timing plain torch.compile against torch.compile + plugin ...", flush=True)
+        t = _timing.compare_compiled(model, x)
         print(
-            "timing plain torch.compile against torch.compile + plugin (caches off) ...", flush=True
+            f"  per call: torch.compile {t['plain_s'] * 1e3:.3f} ms, "
+            f"+ plugin {t['plugin_s'] * 1e3:.3f} ms; ratio {t['ratio']:.2f} "
+            f"(rounds {t['ratio_min']:.2f}-{t['ratio_max']:.2f})"
         )
-        timings = _timing.compare_compiled(model, x)
-        base = timings["torch.compile"]["median_call_s"]
-        print(
-            f"  {'variant':24s}{'first call (compile) s':>24s}{'median call ms':>16s}{'ratio':>8s}"
-        )
-        for name, t in timings.items():
-            print(
-                f"  {name:24s}{t['first_call_s']:24.1f}{t['median_call_s'] * 1e3:16.3f}"
-                f"{t['median_call_s'] / base:8.2f}"
-            )
     return 0 if report.outputs_match and not report.missed else 1
 
 

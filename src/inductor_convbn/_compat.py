@@ -37,7 +37,6 @@ __all__ = [
     "dynamo_reset",
     "get_hash_for_files",
     "inductor_config",
-    "no_compile_caches",
     "pattern_tracing_mode",
     "register_pattern",
 ]
@@ -109,17 +108,3 @@ def pattern_tracing_mode() -> Iterator[None]:
 
 def dynamo_reset() -> None:
     torch._dynamo.reset()
-
-
-@contextlib.contextmanager
-def no_compile_caches() -> Iterator[None]:
-    """Turn off Inductor's FX graph cache and AOT autograd's cache (for timing compiles)."""
-    from torch._functorch import config as functorch_config
-
-    patches = [inductor_config.patch(fx_graph_cache=False)]
-    if hasattr(functorch_config, "enable_autograd_cache"):  # torch >= 2.6
-        patches.append(functorch_config.patch(enable_autograd_cache=False))
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
-        yield

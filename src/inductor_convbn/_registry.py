@@ -19,6 +19,7 @@ import functools
 import inspect
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -211,9 +212,10 @@ def take_folds() -> list[str]:
 
 @functools.cache
 def _register(t: FoldTemplate, dtype: torch.dtype, bn_dtype: torch.dtype, device: str) -> bool:
+    start = time.perf_counter()
     search, replace = _pattern_fns(t)
     with _compat.pattern_tracing_mode():
-        return _compat.register_pattern(
+        registered = _compat.register_pattern(
             search,
             replace,
             _example_inputs(t, dtype, bn_dtype, device),
@@ -221,6 +223,8 @@ def _register(t: FoldTemplate, dtype: torch.dtype, bn_dtype: torch.dtype, device
             extra_check=_record_fold,
             scalar_workaround=t.scalar_args(),
         )
+    pass_time.tracing_s += time.perf_counter() - start
+    return registered
 
 
 _register_lock = threading.Lock()
@@ -257,10 +261,23 @@ def _layers_in(graph: torch.fx.Graph) -> set[tuple[tuple[str, int, bool, bool], 
     return found
 
 
+@dataclasses.dataclass
+class PassTime:
+    """Seconds this process spent in the pass: its share of compile time."""
+
+    tracing_s: float = 0.0  # tracing templates (once per process and structure)
+    total_s: float = 0.0  # the whole pass, tracing included
+
+
+pass_time = PassTime()
+
+
 def fold(graph: torch.fx.Graph) -> int:
     """Fold every eligible pair in ``graph``; return how many were folded."""
+    start = time.perf_counter()
     register_for_graph(graph)
     count = PATTERNS.apply(graph)
     if count:
         _compat.counters["inductor"]["inductor_convbn_folded"] += count
+    pass_time.total_s += time.perf_counter() - start
     return count
