@@ -218,6 +218,18 @@ def test_report_names_pairs_and_renders():
     assert "folded 1 of 1 conv->bn pairs" in text and "conv2d" in text
 
 
+def test_graph_that_needs_gradients_is_left_alone():
+    # Without no_grad the conv output is saved for backward: a second user, so no fold.
+    model = conv_bn(2)
+    x = _input(2)
+    with inductor_convbn.installed():
+        out = torch.compile(model)(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    assert model[0].weight.grad is not None
+    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 0
+
+
 def test_nothing_folded_without_install():
     model = conv_bn(2)
     with torch.no_grad():
