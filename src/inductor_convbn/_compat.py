@@ -26,6 +26,7 @@ from torch._inductor.pattern_matcher import (
     register_replacement,
 )
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._pytree import tree_leaves
 
 __all__ = [
     "CONFIG_IS_THREAD_LOCAL",
@@ -39,6 +40,7 @@ __all__ = [
     "inductor_config",
     "pattern_tracing_mode",
     "register_pattern",
+    "tree_leaves",
 ]
 
 # torch 2.14 keeps user overrides of Inductor's config in ContextVars: a value set in one

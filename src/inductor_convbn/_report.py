@@ -207,8 +207,8 @@ def _tf32_off() -> Iterator[None]:
 
 
 def _max_abs_error(actual: Any, expected: Any) -> tuple[float, torch.dtype]:
-    flat_actual = torch.utils._pytree.tree_leaves(actual)
-    flat_expected = torch.utils._pytree.tree_leaves(expected)
+    flat_actual = _compat.tree_leaves(actual)
+    flat_expected = _compat.tree_leaves(expected)
     if len(flat_actual) != len(flat_expected):
         raise AssertionError("compiled and eager outputs differ in structure")
     error, dtype = 0.0, torch.float32
