@@ -37,6 +37,10 @@ _folds_lock = threading.Lock()
 
 PATTERNS = _compat.PatternMatcherPass(pass_name="inductor_convbn")
 
+# The aten ops a folded layer lowers to in the post-grad graph.
+_LINEAR_TARGETS = (aten.addmm.default, aten.mm.default)
+_LAYER_TARGETS = (aten.convolution.default, *_LINEAR_TARGETS)
+
 _HYPER_PARAMS = ("stride", "padding", "dilation", "output_padding")
 # Sentinels for the scalars that become wildcards: distinct from each other and from the
 # other literals of the traced graph. (A real value equal to one is harmless: the match binds
@@ -192,11 +196,7 @@ def _record_fold(match: _compat.Match) -> bool:
     Runs after the exact re-match, just before the replacement. The verifier reads these
     records to name the folded pairs.
     """
-    layer = next(
-        n
-        for n in match.nodes
-        if n.target in (aten.convolution.default, aten.addmm.default, aten.mm.default)
-    )
+    layer = next(n for n in match.nodes if n.target in _LAYER_TARGETS)
     with _folds_lock:
         _folds.append(describe_node(layer))
     return True
@@ -252,7 +252,7 @@ def _layers_in(graph: torch.fx.Graph) -> set[tuple[tuple[str, int, bool, bool], 
             continue
         if node.target is aten.convolution.default:
             structure = ("conv", val.dim() - 2, bool(node.args[6]), node.args[2] is not None)
-        elif node.target in (aten.addmm.default, aten.mm.default) and val.dim() == 2:
+        elif node.target in _LINEAR_TARGETS and val.dim() == 2:
             structure = ("linear", 0, False, node.target is aten.addmm.default)
         else:
             continue

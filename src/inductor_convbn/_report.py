@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +34,7 @@ _LAYER_FNS: dict[Any, str] = {
     F.linear: "linear",
 }
 _BN_FNS = (F.batch_norm,)
+_BN_SIGNATURE = inspect.signature(F.batch_norm)
 _LAYER_MODULES: tuple[tuple[type, str], ...] = (
     (torch.nn.Conv1d, "conv1d"),
     (torch.nn.Conv2d, "conv2d"),
@@ -128,10 +130,9 @@ def _layer_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
 def _bn_state(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[bool, Any] | None:
     """``(has_running_stats, training)`` when ``node`` is a batch norm, else None."""
     if node.op == "call_function" and node.target in _BN_FNS:
-        args = list(node.args) + [None] * 8
-        running_mean = node.kwargs.get("running_mean", args[1])
-        training = node.kwargs.get("training", args[5] if len(node.args) > 5 else False)
-        return running_mean is not None, training
+        bound = _BN_SIGNATURE.bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        return bound.arguments["running_mean"] is not None, bound.arguments["training"]
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
