@@ -23,6 +23,7 @@ from torch._inductor.pattern_matcher import (
     Match,
     PatternMatcherPass,
     fwd_only,
+    fx_to_pattern,
     register_replacement,
 )
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
@@ -38,6 +39,7 @@ __all__ = [
     "dynamo_reset",
     "get_hash_for_files",
     "inductor_config",
+    "int_hint",
     "pattern_tracing_mode",
     "register_pattern",
     "tree_leaves",
@@ -54,8 +56,12 @@ CONFIG_IS_THREAD_LOCAL = isinstance(
     contextvars.ContextVar,
 )
 
+_REGISTER_PARAMETERS = inspect.signature(register_replacement).parameters
 # `skip_duplicates` arrived in torch 2.7; before it a duplicate pattern raised.
-_HAS_SKIP_DUPLICATES = "skip_duplicates" in inspect.signature(register_replacement).parameters
+_HAS_SKIP_DUPLICATES = "skip_duplicates" in _REGISTER_PARAMETERS
+# `search_fn_pattern` (a pre-traced pattern) is in every release from torch 2.6 on; checked
+# all the same, since without it the pass is only slower.
+_HAS_SEARCH_FN_PATTERN = "search_fn_pattern" in _REGISTER_PARAMETERS
 
 
 def register_pattern(
@@ -66,30 +72,88 @@ def register_pattern(
     *,
     extra_check: Callable[[Match], bool],
     scalar_workaround: dict[str, float | int],
+    early_check: Callable[[Match], bool] | None = None,
 ) -> bool:
     """``register_replacement`` for an inference graph; a duplicate pattern is not an error.
 
     Two templates can trace to the same graph (an fp16 conv followed by an fp16 or an fp32
     batch norm, on some releases); the second registration is then a no-op.
+
+    ``extra_check`` runs after ``register_replacement`` re-traces the pattern with the
+    match's real shapes and re-matches it exactly. ``early_check`` runs before that
+    re-trace, the costly part of a match, so that a match it rejects costs almost nothing.
     """
+    before = {id(e) for entries in _pattern_entries(pass_dict) for e in entries}
     kwargs: dict[str, Any] = dict(extra_check=extra_check, scalar_workaround=scalar_workaround)
+    if _HAS_SEARCH_FN_PATTERN:
+        kwargs["search_fn_pattern"] = _exact_pattern(search_fn, example_inputs, scalar_workaround)
     if _HAS_SKIP_DUPLICATES:  # torch >= 2.7
         kwargs["skip_duplicates"] = True
-        return bool(
+        registered = bool(
             register_replacement(
                 search_fn, replace_fn, example_inputs, fwd_only, pass_dict, **kwargs
             )
         )
-    try:  # torch 2.6
-        return bool(
-            register_replacement(
-                search_fn, replace_fn, example_inputs, fwd_only, pass_dict, **kwargs
+    else:
+        try:  # torch 2.6
+            registered = bool(
+                register_replacement(
+                    search_fn, replace_fn, example_inputs, fwd_only, pass_dict, **kwargs
+                )
             )
-        )
-    except RuntimeError as e:
-        if "Duplicate pattern" not in str(e):
-            raise
-        return False
+        except RuntimeError as e:
+            if "Duplicate pattern" not in str(e):
+                raise
+            registered = False
+    if early_check is not None:
+        for entries in _pattern_entries(pass_dict):
+            for entry in entries:
+                if id(entry) not in before:
+                    entry.extra_check = _checked_first(early_check, entry.extra_check)
+    return registered
+
+
+def _exact_pattern(
+    search_fn: Callable[..., Any],
+    example_inputs: list[Any],
+    scalar_workaround: dict[str, float | int],
+) -> Any:
+    """The search pattern with its literals kept, the sentinel scalars made wildcards.
+
+    ``register_replacement`` traces a pattern that ignores int, float, list and dtype
+    literals, and so re-traces the search function with each match's real shapes to check
+    the match exactly: the costly part of a match. A pattern whose literals do not depend
+    on the example shapes (true of conv -> batch_norm: its only ints are unsqueeze dims)
+    can serve as that exact pattern itself, and the re-trace is skipped.
+    """
+    argnames = list(inspect.signature(search_fn).parameters)
+    tensors = iter(example_inputs)
+    args = [scalar_workaround[n] if n in scalar_workaround else next(tensors) for n in argnames]
+    graph = fwd_only(search_fn, args)
+    return fx_to_pattern(graph, argnames=argnames, scalar_workaround=scalar_workaround)
+
+
+def _pattern_entries(pass_dict: PatternMatcherPass) -> list[list[Any]]:
+    # PatternMatcherPass.patterns: {(op, target): [PatternEntry, ...]} (torch >= 2.1).
+    patterns = getattr(pass_dict, "patterns", None)
+    return list(patterns.values()) if isinstance(patterns, dict) else []
+
+
+def _checked_first(
+    first: Callable[[Match], bool], then: Callable[[Match], bool]
+) -> Callable[[Match], bool]:
+    def check(match: Match) -> bool:
+        return first(match) and then(match)
+
+    return check
+
+
+def int_hint(value: Any) -> int | None:
+    """``value`` as an int: itself, or the hint of a symbolic size; None without one."""
+    if isinstance(value, int):
+        return value
+    hint = getattr(getattr(value, "node", None), "hint", None)  # torch.SymInt's SymNode
+    return int(hint) if hint is not None else None
 
 
 @contextlib.contextmanager

@@ -23,15 +23,31 @@ _SOURCE_FILES = tuple(
 )
 
 
+# The Inductor config field each stage of the pass hooks into.
+_HOOKS = {"joint": "joint_custom_post_pass", "post_grad": "post_grad_custom_post_pass"}
+
+
 class ConvBnFoldPass(_compat.CustomGraphPass):
     """Runs the pass that was installed before it (if any), then folds conv -> batch_norm.
 
+    One instance per stage: ``"joint"`` runs on the graph AOT autograd hands Inductor, before
+    freezing turns parameters into constants, and folds only when freezing is on, so the
+    folded weights are constant-folded once at compile time. ``"post_grad"`` runs on the
+    graph Inductor lowers, where a fold is recomputed on every call, from the live
+    parameters; ``policy`` (``_registry.POLICIES``) says where that pays.
+
     Being a ``CustomGraphPass`` with a ``uuid()`` keeps Inductor's FX graph cache on: a
-    bare function as ``post_grad_custom_post_pass`` makes every compile bypass the cache.
+    bare function as a custom pass makes every compile bypass the cache.
     """
 
-    def __init__(self, previous: Any = None) -> None:
+    def __init__(self, previous: Any = None, *, stage: str = "post_grad", policy: str = "auto"):
+        if stage not in _registry.STAGES:
+            raise ValueError(f"stage must be one of {_registry.STAGES}, got {stage!r}")
+        if policy not in _registry.POLICIES:
+            raise ValueError(f"policy must be one of {_registry.POLICIES}, got {policy!r}")
         self.previous = previous
+        self.stage = stage
+        self.policy = policy
 
     def _chained(self) -> tuple[Callable[[torch.fx.Graph], None], ...]:
         if self.previous is None:
@@ -43,7 +59,9 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         for other in self._chained():
             other(graph)
-        _registry.fold(graph)
+        if self.stage == "joint" and not (_compat.inductor_config.freezing and _is_forward(graph)):
+            return
+        _registry.fold(graph, stage=self.stage, policy=self.policy)
 
     def uuid(self) -> Any:
         others = []
@@ -54,65 +72,100 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
             if other_uuid is None:
                 return None
             others.append(other_uuid)
-        return (_compat.get_hash_for_files(_SOURCE_FILES), *others)
+        return (_compat.get_hash_for_files(_SOURCE_FILES), self.stage, self.policy, *others)
+
+
+def _is_forward(graph: torch.fx.Graph) -> bool:
+    # A joint forward + backward graph takes the outputs' gradients as "tangents" inputs;
+    # freezing compiles only inference graphs.
+    return not any(
+        n.op == "placeholder" and str(n.target).startswith("tangents") for n in graph.nodes
+    )
 
 
 _lock = threading.RLock()
-# What this context installed, to tell "never installed" from "replaced since". A ContextVar
-# because Inductor's config overrides are per thread on releases that keep them in
-# ContextVars (torch 2.14); on older releases the config is process-wide.
-_installed_here: contextvars.ContextVar[ConvBnFoldPass | None] = contextvars.ContextVar(
+# The policy this context installed, to tell "never installed" from "replaced since". A
+# ContextVar because Inductor's config overrides are per thread on releases that keep them
+# in ContextVars (torch 2.14); on older releases the config is process-wide.
+_installed_here: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "inductor_convbn_installed", default=None
 )
 
 
-def install() -> None:
+def install(policy: str = "auto") -> None:
     """Fold conv -> batch_norm in every graph ``torch.compile`` compiles from now on.
 
-    Idempotent. A post-grad pass installed before keeps running, before ours. Where
-    torch keeps Inductor's config per thread (``_compat.CONFIG_IS_THREAD_LOCAL``), this
-    applies to the calling thread: call it in the thread that compiles.
+    ``policy="auto"`` folds every pair when Inductor freezing is on (the folded weights are
+    computed once, at compile time) and, without freezing, only the pairs where refolding
+    the weights on every call costs less than the batch norm it removes; the report says
+    why each other pair was kept. ``policy="always"`` folds every pair that can be folded
+    without changing results.
+
+    Idempotent; a second call with another policy switches to it. Passes installed before
+    keep running, before ours. Where torch keeps Inductor's config per thread
+    (``_compat.CONFIG_IS_THREAD_LOCAL``), this applies to the calling thread: call it in
+    the thread that compiles.
     """
+    if policy not in _registry.POLICIES:
+        raise ValueError(f"policy must be one of {_registry.POLICIES}, got {policy!r}")
     with _lock:
-        current = _compat.inductor_config.post_grad_custom_post_pass
-        if isinstance(current, ConvBnFoldPass):
-            return
-        fold_pass = ConvBnFoldPass(current)
-        _compat.inductor_config.post_grad_custom_post_pass = fold_pass
-        _installed_here.set(fold_pass)
+        for stage, field in _HOOKS.items():
+            current = getattr(_compat.inductor_config, field)
+            if isinstance(current, ConvBnFoldPass):
+                if current.policy == policy:
+                    continue
+                current = current.previous
+            setattr(
+                _compat.inductor_config, field, ConvBnFoldPass(current, stage=stage, policy=policy)
+            )
+        _installed_here.set(policy)
 
 
 def uninstall() -> None:
-    """Put back the post-grad pass that was there before :func:`install`.
+    """Put back the passes that were there before :func:`install`.
 
-    Does nothing when not installed. Raises ``RuntimeError`` when another library replaced
-    the pass since, rather than dropping that library's pass.
+    Does nothing when not installed. Raises ``RuntimeError``, changing nothing, when
+    another library replaced one of our passes since, rather than dropping its pass.
     """
     with _lock:
-        current = _compat.inductor_config.post_grad_custom_post_pass
-        if isinstance(current, ConvBnFoldPass):
-            _compat.inductor_config.post_grad_custom_post_pass = current.previous
-        elif _installed_here.get() is not None:
+        current = {field: getattr(_compat.inductor_config, field) for field in _HOOKS.values()}
+        replaced = [f for f, p in current.items() if not isinstance(p, ConvBnFoldPass)]
+        if replaced and _installed_here.get() is not None:
             raise RuntimeError(
-                "inductor_convbn: torch._inductor.config.post_grad_custom_post_pass was "
-                f"replaced after install() (it is now {current!r}); not touching it"
+                f"inductor_convbn: torch._inductor.config.{replaced[0]} was replaced after "
+                f"install() (it is now {current[replaced[0]]!r}); not touching it"
             )
+        for field, fold_pass in current.items():
+            if isinstance(fold_pass, ConvBnFoldPass):
+                setattr(_compat.inductor_config, field, fold_pass.previous)
         _installed_here.set(None)
 
 
 def is_installed() -> bool:
-    """Whether the fold pass is the current ``post_grad_custom_post_pass``."""
-    return isinstance(_compat.inductor_config.post_grad_custom_post_pass, ConvBnFoldPass)
+    """Whether the fold passes are Inductor's current custom passes."""
+    return all(
+        isinstance(getattr(_compat.inductor_config, field), ConvBnFoldPass)
+        for field in _HOOKS.values()
+    )
+
+
+def installed_policy() -> str | None:
+    """The policy of the installed passes, None when not installed."""
+    current = _compat.inductor_config.post_grad_custom_post_pass
+    return current.policy if isinstance(current, ConvBnFoldPass) and is_installed() else None
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[None]:
-    """``install()`` for the duration of a ``with`` block; restores the previous state."""
+def installed(policy: str = "auto") -> Iterator[None]:
+    """``install(policy)`` for the duration of a ``with`` block; restores the previous state."""
     with _lock:
-        was_installed = is_installed()
-        install()
+        previous_policy = installed_policy()
+        install(policy)
     try:
         yield
     finally:
-        if not was_installed:
-            uninstall()
+        with _lock:
+            if previous_policy is None:
+                uninstall()
+            else:
+                install(previous_policy)

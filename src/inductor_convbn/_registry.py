@@ -14,6 +14,7 @@ once per process.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -31,9 +32,31 @@ from ._fold import fold_conv_bn_weights
 
 aten = torch.ops.aten
 
-# Where each fold happened, recorded by the pattern's check and read by the verifier.
-_folds: list[str] = []
-_folds_lock = threading.Lock()
+#: ``"auto"`` folds where folding pays: every pair under freezing (the folded weights
+#: become constants, computed once) and, without freezing, only pairs where folding every
+#: call costs less than the batch norm it removes. ``"always"`` folds every safe pair.
+POLICIES = ("auto", "always")
+#: Where the pass runs: ``"joint"`` before Inductor freezes parameters into constants (so
+#: the fold is constant-folded), ``"post_grad"`` on the graph Inductor lowers.
+STAGES = ("joint", "post_grad")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What the pass did with one matched pair."""
+
+    layer: str  # where the layer sits, ``describe_node``
+    folded: bool
+    reason: str = ""  # why a pair was kept unfolded
+
+
+# Decisions since the last take_decisions(), recorded by the pattern's check.
+_decisions: list[Decision] = []
+_decisions_lock = threading.Lock()
+# The (stage, policy) of the fold() call in progress, read by the pattern's check.
+_active: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "inductor_convbn_active", default=("post_grad", "always")
+)
 
 PATTERNS = _compat.PatternMatcherPass(pass_name="inductor_convbn")
 
@@ -190,24 +213,86 @@ def _normalize_module_path(path: str) -> str:
     return path.lstrip(".") or "<root>"
 
 
-def _record_fold(match: _compat.Match) -> bool:
-    """Record where a matched pair sits; every match is folded.
+# Why a pair is kept unfolded under the "auto" policy without freezing.
+KEPT_BIAS_PEELED = (
+    "on {device}, Inductor adds a conv bias in a pointwise kernel just as it applies "
+    "the BN, so folding every call only adds work (compile with freezing to fold once)"
+)
+KEPT_FUSED = (
+    "the BN runs inside the next pointwise kernel ({user}), so folding every call "
+    "costs more than it saves (compile with freezing to fold once)"
+)
+KEPT_LARGE_WEIGHT = (
+    "the weight ({weight} elements) outweighs the output ({output}), so folding every "
+    "call costs more than it saves (compile with freezing to fold once)"
+)
 
-    Runs after the exact re-match, just before the replacement. The verifier reads these
-    records to name the folded pairs.
+
+def per_call_cost_reason(layer: torch.fx.Node, output: torch.fx.Node) -> str:
+    """Why folding this pair on every call would cost more than the BN; "" if it pays.
+
+    Without freezing the replacement refolds the weight from the live parameters each
+    call: one read and one write of the weight. Removing the BN saves its pass over the
+    output only where that pass would run on its own, and only on CPU, where the folded
+    bias goes into the conv kernel.
     """
-    layer = next(n for n in match.nodes if n.target in _LAYER_TARGETS)
-    with _folds_lock:
-        _folds.append(describe_node(layer))
+    value = layer.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return ""
+    if value.device.type != "cpu":
+        return KEPT_BIAS_PEELED.format(device=value.device.type.upper())
+    users = list(output.users)
+    if users and all(torch.Tag.pointwise in getattr(u.target, "tags", ()) for u in users):
+        return KEPT_FUSED.format(user=", ".join(str(u.target).split(".")[-2] for u in users))
+    weight = layer.args[1] if layer.target is aten.convolution.default else layer.args[-1]
+    weight_value = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+    if not isinstance(weight_value, torch.Tensor):
+        return ""
+    weight_numel = _compat.int_hint(weight_value.numel())
+    output_numel = _compat.int_hint(value.numel())
+    if weight_numel is None or output_numel is None or weight_numel <= output_numel:
+        return ""
+    return KEPT_LARGE_WEIGHT.format(weight=weight_numel, output=output_numel)
+
+
+def _layer_node(match: _compat.Match) -> torch.fx.Node:
+    return next(n for n in match.nodes if n.target in _LAYER_TARGETS)
+
+
+def _record(decision: Decision) -> None:
+    with _decisions_lock:
+        _decisions.append(decision)
+    counter = "inductor_convbn_folded" if decision.folded else "inductor_convbn_kept"
+    _compat.counters["inductor"][counter] += 1
+
+
+def _check_policy(match: _compat.Match) -> bool:
+    """Keep a pair the policy says not to fold; runs before the costly exact re-match."""
+    stage, policy = _active.get()
+    if policy != "auto" or stage != "post_grad":
+        return True
+    layer = _layer_node(match)
+    reason = per_call_cost_reason(layer, match.output_node())
+    if reason:
+        _record(Decision(describe_node(layer), False, reason))
+    return not reason
+
+
+def _record_fold(match: _compat.Match) -> bool:
+    """Record where a pair is folded; runs after the exact re-match, before the replacement.
+
+    The verifier reads the records to name each pair's outcome.
+    """
+    _record(Decision(describe_node(_layer_node(match)), True))
     return True
 
 
-def take_folds() -> list[str]:
-    """Where each fold since the last call sits (``describe_node``), oldest first."""
-    with _folds_lock:
-        folds = list(_folds)
-        _folds.clear()
-    return folds
+def take_decisions() -> list[Decision]:
+    """The decisions since the last call, oldest first."""
+    with _decisions_lock:
+        decisions = list(_decisions)
+        _decisions.clear()
+    return decisions
 
 
 @functools.cache
@@ -221,6 +306,7 @@ def _register(t: FoldTemplate, dtype: torch.dtype, bn_dtype: torch.dtype, device
             _example_inputs(t, dtype, bn_dtype, device),
             PATTERNS,
             extra_check=_record_fold,
+            early_check=_check_policy,
             scalar_workaround=t.scalar_args(),
         )
     pass_time.tracing_s += time.perf_counter() - start
@@ -272,12 +358,14 @@ class PassTime:
 pass_time = PassTime()
 
 
-def fold(graph: torch.fx.Graph) -> int:
-    """Fold every eligible pair in ``graph``; return how many were folded."""
+def fold(graph: torch.fx.Graph, *, stage: str = "post_grad", policy: str = "auto") -> int:
+    """Fold the eligible pairs in ``graph`` that ``policy`` says to; return how many."""
     start = time.perf_counter()
     register_for_graph(graph)
-    count = PATTERNS.apply(graph)
-    if count:
-        _compat.counters["inductor"]["inductor_convbn_folded"] += count
+    token = _active.set((stage, policy))
+    try:
+        count = PATTERNS.apply(graph)
+    finally:
+        _active.reset(token)
     pass_time.total_s += time.perf_counter() - start
     return count

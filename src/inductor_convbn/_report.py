@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import inspect
 import itertools
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,7 +19,8 @@ from . import _compat, _pass, _registry
 __all__ = ["FoldReport", "PairReport", "find_pairs", "verify"]
 
 FOLDED = "folded"
-SKIPPED = "skipped"
+SKIPPED = "skipped"  # folding would change results
+KEPT = "kept"  # safe to fold, but the policy judged it not worth it
 NOT_MATCHED = "eligible, but the pattern did not match"
 
 # Layer calls as dynamo records them (torch.nn.functional.conv2d is torch.conv2d).
@@ -62,7 +62,7 @@ class PairReport:
     conv: str  # where the conv sits, e.g. "layer1.0.conv1"
     bn: str
     kind: str  # "conv2d", "conv_transpose1d", "linear", ...
-    status: str  # "folded" or "skipped"
+    status: str  # FOLDED, SKIPPED or KEPT
     reason: str = ""
 
 
@@ -77,6 +77,8 @@ class FoldReport:
     rtol: float
     atol: float
     fx_graph_cache_hits: int = 0
+    policy: str = "auto"
+    freezing: bool = False
 
     @property
     def pairs(self) -> int:
@@ -93,9 +95,15 @@ class FoldReport:
         """``(where, reason)`` for each pair that was not folded."""
         return [(p.conv, p.reason) for p in self.pair_reports if p.status != FOLDED]
 
+    @property
+    def kept(self) -> list[str]:
+        """Pairs safe to fold that the policy kept, because folding them would cost time."""
+        return [p.conv for p in self.pair_reports if p.status == KEPT]
+
     def __str__(self) -> str:
+        mode = f"policy={self.policy}" + (", freezing" if self.freezing else "")
         head = (
-            f"inductor_convbn: folded {self.folded} of {self.pairs} conv->bn pairs; "
+            f"inductor_convbn ({mode}): folded {self.folded} of {self.pairs} conv->bn pairs; "
             f"max abs error vs eager {self.max_abs_error:.3g} "
             f"({'within' if self.outputs_match else 'OUTSIDE'} "
             f"rtol={self.rtol:g}, atol={self.atol:g})"
@@ -223,17 +231,22 @@ def _max_abs_error(actual: Any, expected: Any) -> tuple[float, torch.dtype]:
 
 
 def compile_with_plugin(
-    model: Callable[..., Any], *, dynamic: bool | None = None
+    model: Callable[..., Any],
+    *,
+    dynamic: bool | None = None,
+    policy: str = "auto",
+    freezing: bool = False,
 ) -> tuple[Callable[..., Any], list[tuple[str, str, str, str]]]:
     """``torch.compile`` ``model`` with the plugin; also return the pairs its graphs hold.
 
-    The pairs list fills when the compiled callable first runs.
+    The pairs list fills when the compiled callable first runs. ``freezing`` turns on
+    Inductor freezing for this compile only; it applies to inference (``no_grad``) calls.
     """
     pairs: list[tuple[str, str, str, str]] = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         pairs.extend(find_pairs(gm))
-        with _pass.installed():
+        with _pass.installed(policy), _compat.inductor_config.patch(freezing=freezing):
             return _compat.compile_fx(gm, example_inputs)
 
     return torch.compile(_fresh_callable(model), backend=backend, dynamic=dynamic), pairs
@@ -245,11 +258,14 @@ def verify(
     rtol: float | None = None,
     atol: float | None = None,
     dynamic: bool | None = None,
+    policy: str = "auto",
+    freezing: bool = False,
 ) -> FoldReport:
     """Compile a copy of ``model`` with the plugin, run it, and report the folds.
 
     Runs under ``torch.no_grad()`` with TF32 off. ``model`` itself is left as it is.
-    Tolerances default per output dtype (``DEFAULT_TOLERANCES``).
+    Tolerances default per output dtype (``DEFAULT_TOLERANCES``). ``policy`` is
+    :func:`install`'s; ``freezing`` compiles with Inductor freezing on.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"verify() takes an nn.Module, got {type(model).__name__}")
@@ -257,14 +273,18 @@ def verify(
         raise TypeError("verify() needs at least one example input")
     reference = model
     candidate = copy.deepcopy(model)
-    _registry.take_folds()
+    if policy not in _registry.POLICIES:
+        raise ValueError(f"policy must be one of {_registry.POLICIES}, got {policy!r}")
+    _registry.take_decisions()
     before = _compat.counters["inductor"].copy()
     with torch.no_grad(), _tf32_off():
         expected = reference(*example_inputs)
-        compiled, pairs = compile_with_plugin(candidate, dynamic=dynamic)
+        compiled, pairs = compile_with_plugin(
+            candidate, dynamic=dynamic, policy=policy, freezing=freezing
+        )
         actual = compiled(*example_inputs)
     delta = _compat.counters["inductor"] - before
-    folds = _registry.take_folds()
+    decisions = _registry.take_decisions()
     error, dtype = _max_abs_error(actual, expected)
     default_rtol, default_atol = DEFAULT_TOLERANCES.get(dtype, (1e-4, 1e-4))
     rtol = default_rtol if rtol is None else rtol
@@ -277,15 +297,19 @@ def verify(
         outputs_match = False
     names = {name for name, _ in model.named_modules()}
     pairs = [(_module_name(c, names), _module_name(b, names), k, r) for c, b, k, r in pairs]
-    folds = [_module_name(where, names) for where in folds]
+    decisions = [dataclasses.replace(d, layer=_module_name(d.layer, names)) for d in decisions]
     return FoldReport(
-        pair_reports=_attribute(pairs, folds, delta["inductor_convbn_folded"]),
+        pair_reports=_attribute(
+            pairs, decisions, delta["inductor_convbn_folded"], delta["inductor_convbn_kept"]
+        ),
         folded=delta["inductor_convbn_folded"],
         max_abs_error=error,
         outputs_match=outputs_match,
         rtol=rtol,
         atol=atol,
         fx_graph_cache_hits=delta["fxgraph_cache_hit"],
+        policy=policy,
+        freezing=freezing,
     )
 
 
@@ -301,25 +325,34 @@ def _module_name(path: str, names: set[str]) -> str:
 
 
 def _attribute(
-    pairs: list[tuple[str, str, str, str]], folds: list[str], folded: int
+    pairs: list[tuple[str, str, str, str]],
+    decisions: list[_registry.Decision],
+    folded: int,
+    kept: int,
 ) -> list[PairReport]:
-    """Give each pair its status: the pass's own record where it ran, else the count.
+    """Give each pair its status: the pass's own record where it ran, else the counts.
 
     On an FX graph cache hit the pass does not run; Inductor replays its counters, so the
-    count of folds is known but not which pair each one was.
+    numbers of folded and kept pairs are known but not which pair each one was.
     """
-    recorded = Counter(folds)
-    unrecorded = folded - len(folds)
+    recorded: dict[str, list[_registry.Decision]] = {}
+    for d in decisions:
+        recorded.setdefault(d.layer, []).append(d)
+    unrecorded_folded = folded - sum(d.folded for d in decisions)
+    unrecorded_kept = kept - sum(not d.folded for d in decisions)
     reports = []
     for conv, bn, kind, reason in pairs:
         if reason:
             reports.append(PairReport(conv, bn, kind, SKIPPED, reason))
-        elif recorded[conv] > 0:
-            recorded[conv] -= 1
-            reports.append(PairReport(conv, bn, kind, FOLDED))
-        elif unrecorded > 0:
-            unrecorded -= 1
+        elif recorded.get(conv):
+            d = recorded[conv].pop(0)
+            reports.append(PairReport(conv, bn, kind, FOLDED if d.folded else KEPT, d.reason))
+        elif unrecorded_folded > 0:
+            unrecorded_folded -= 1
             reports.append(PairReport(conv, bn, kind, FOLDED, "from the FX graph cache"))
+        elif unrecorded_kept > 0:
+            unrecorded_kept -= 1
+            reports.append(PairReport(conv, bn, kind, KEPT, "by policy, from the FX graph cache"))
         else:
             reports.append(PairReport(conv, bn, kind, SKIPPED, NOT_MATCHED))
     return reports
