@@ -24,7 +24,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _clean_global_state():
     """Each test starts from no plugin, no compiled code, zeroed counters, TF32 off."""
-    saved_pass = _compat.inductor_config.post_grad_custom_post_pass
+    saved_passes = {
+        field: getattr(_compat.inductor_config, field) for field in _pass._HOOKS.values()
+    }
     saved_installed = _pass._installed_here.get()
     saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -34,7 +36,8 @@ def _clean_global_state():
     try:
         yield
     finally:
-        _compat.inductor_config.post_grad_custom_post_pass = saved_pass
+        for field, saved in saved_passes.items():
+            setattr(_compat.inductor_config, field, saved)
         _pass._installed_here.set(saved_installed)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
         _compat.dynamo_reset()

@@ -53,9 +53,21 @@ class Decision:
 # Decisions since the last take_decisions(), recorded by the pattern's check.
 _decisions: list[Decision] = []
 _decisions_lock = threading.Lock()
-# The (stage, policy) of the fold() call in progress, read by the pattern's check.
-_active: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
-    "inductor_convbn_active", default=("post_grad", "always")
+
+
+@dataclasses.dataclass
+class _Run:
+    """The fold() call in progress, read by the pattern's checks."""
+
+    stage: str
+    policy: str
+    # Layers already kept: a pair kept at its BN's last node is seen again at an earlier
+    # node, where the template without BN affine matches the head of the same BN.
+    kept: set[torch.fx.Node] = dataclasses.field(default_factory=set)
+
+
+_active: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
+    "inductor_convbn_active", default=None
 )
 
 PATTERNS = _compat.PatternMatcherPass(pass_name="inductor_convbn")
@@ -268,12 +280,15 @@ def _record(decision: Decision) -> None:
 
 def _check_policy(match: _compat.Match) -> bool:
     """Keep a pair the policy says not to fold; runs before the costly exact re-match."""
-    stage, policy = _active.get()
-    if policy != "auto" or stage != "post_grad":
+    run = _active.get()
+    if run is None or run.policy != "auto" or run.stage != "post_grad":
         return True
     layer = _layer_node(match)
+    if layer in run.kept:
+        return False
     reason = per_call_cost_reason(layer, match.output_node())
     if reason:
+        run.kept.add(layer)
         _record(Decision(describe_node(layer), False, reason))
     return not reason
 
@@ -362,7 +377,7 @@ def fold(graph: torch.fx.Graph, *, stage: str = "post_grad", policy: str = "auto
     """Fold the eligible pairs in ``graph`` that ``policy`` says to; return how many."""
     start = time.perf_counter()
     register_for_graph(graph)
-    token = _active.set((stage, policy))
+    token = _active.set(_Run(stage, policy))
     try:
         count = PATTERNS.apply(graph)
     finally:

@@ -1,0 +1,71 @@
+"""Compile ResNet18 once in this process and print the compile time as JSON.
+
+Run by bench/test_resnet18.py in a fresh process per measurement, with a fresh Inductor
+cache directory: in one process, a second compile reuses the kernels and caches the first
+one warmed up, so compile times are only comparable across processes.
+
+    python bench/compile_time.py VARIANT --device cpu --dtype float32 --batch-size 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_convbn-compile-time-")
+os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
+os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import variants  # noqa: E402
+from inductor_convbn import _registry  # noqa: E402
+from inductor_convbn.testing import torchvision_model  # noqa: E402
+
+VARIANTS = ("compile", "plugin", "plugin-always", "freezing", "freezing+plugin")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("variant", choices=VARIANTS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    dtype = DTYPES[args.dtype]
+    model = torchvision_model("resnet18").to(args.device, dtype).to(memory_format=fmt)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    x = x.to(args.device, dtype).to(memory_format=fmt)
+    factory = variants.build_variants(
+        model, cuda=args.device == "cuda", batch_size=args.batch_size, names=[args.variant]
+    )[args.variant]
+    with torch.no_grad():
+        run = factory()
+        start = time.perf_counter()
+        run(x)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "compile_s": compile_s,
+                "pass_s": _registry.pass_time.total_s,
+                "tracing_s": _registry.pass_time.tracing_s,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
