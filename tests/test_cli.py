@@ -15,9 +15,17 @@ from inductor_convbn.testing import randomize_batch_norm
 def test_reports_resnet18_and_exits_zero(capsys):
     assert cli.main(["resnet18", "--no-timing", "--image-size", "64"]) == 0
     out = capsys.readouterr().out
-    assert "folded 20 of 20 conv->bn pairs" in out
+    assert "(policy=auto, freezing): folded 20 of 20 conv->bn pairs" in out
     assert "layer4.1.conv2" in out
     assert "s tracing patterns" in out
+
+
+def test_pairs_kept_by_policy_exit_zero(capsys):
+    args = ["resnet18", "--no-timing", "--image-size", "64", "--no-freezing"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "folded 0 of 20 conv->bn pairs" in out
+    assert "kept: the BN runs inside the next pointwise kernel (relu)" in out
 
 
 def test_unknown_model_is_a_one_line_error():
@@ -46,7 +54,7 @@ def test_bad_batch_size_is_a_usage_error(capsys):
 
 def test_compare_compiled_times_both_variants_and_folds():
     model = randomize_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
-    t = _timing.compare_compiled(model, torch.randn(1, 3, 8, 8), rounds=3, calls=2)
+    t = _timing.compare_compiled(model, torch.randn(1, 3, 8, 8), policy="always", rounds=3, calls=2)
     assert t["plain_s"] > 0 and t["plugin_s"] > 0
     assert t["ratio_min"] <= t["ratio"] <= t["ratio_max"]
     assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1  # the plugin variant only

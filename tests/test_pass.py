@@ -32,33 +32,69 @@ def _compile_small():
         torch.compile(model)(torch.randn(1, 3, 8, 8))
 
 
+HOOKS = ("joint_custom_post_pass", "post_grad_custom_post_pass")
+
+
+def _hooked():
+    return [getattr(_compat.inductor_config, field) for field in HOOKS]
+
+
 def test_install_is_idempotent_and_uninstall_restores_none():
     inductor_convbn.install()
-    first = _compat.inductor_config.post_grad_custom_post_pass
+    first = _hooked()
     inductor_convbn.install()
-    assert _compat.inductor_config.post_grad_custom_post_pass is first
-    assert isinstance(first, ConvBnFoldPass) and first.previous is None
+    assert _hooked() == first
+    assert [(p.stage, p.policy, p.previous) for p in first] == [
+        ("joint", "auto", None),
+        ("post_grad", "auto", None),
+    ]
     assert inductor_convbn.is_installed()
     inductor_convbn.uninstall()
-    assert _compat.inductor_config.post_grad_custom_post_pass is None
+    assert _hooked() == [None, None]
     assert not inductor_convbn.is_installed()
     inductor_convbn.uninstall()  # a second uninstall is a no-op
 
 
-def test_pass_installed_before_still_runs_and_is_restored():
+def test_install_with_another_policy_switches_and_keeps_the_chain():
     other = RecordingPass()
-    _compat.inductor_config.post_grad_custom_post_pass = other
+    _compat.inductor_config.joint_custom_post_pass = other
     inductor_convbn.install()
+    inductor_convbn.install("always")
+    joint, post_grad = _hooked()
+    assert joint.policy == post_grad.policy == "always"
+    assert joint.previous is other and post_grad.previous is None
+    with inductor_convbn.installed("auto"):
+        assert _hooked()[1].policy == "auto"
+    assert _hooked()[1].policy == "always"
+    inductor_convbn.uninstall()
+    assert _hooked() == [other, None]
+
+
+def test_bad_policy_or_stage_is_a_value_error():
+    with pytest.raises(ValueError, match="policy must be one of"):
+        inductor_convbn.install("never")
+    with pytest.raises(ValueError, match="stage must be one of"):
+        ConvBnFoldPass(stage="pre_grad")
+    assert _hooked() == [None, None]
+
+
+@pytest.mark.parametrize("field", HOOKS)
+def test_pass_installed_before_still_runs_and_is_restored(field):
+    other = RecordingPass()
+    setattr(_compat.inductor_config, field, other)
+    inductor_convbn.install("always")
     _compile_small()
     assert other.calls == 1
     assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1
     inductor_convbn.uninstall()
-    assert _compat.inductor_config.post_grad_custom_post_pass is other
+    assert getattr(_compat.inductor_config, field) is other
 
 
 def test_uuid_covers_the_chained_pass():
     ours = ConvBnFoldPass().uuid()
     assert ours is not None
+    assert ConvBnFoldPass(policy="always").uuid() != ours
+    assert ConvBnFoldPass(stage="joint").uuid() != ours
     chained = ConvBnFoldPass(RecordingPass("a")).uuid()
     assert chained != ours and chained != ConvBnFoldPass(RecordingPass("b")).uuid()
     # A bare function has no uuid: the cache must be bypassed, as it would be without us.
@@ -77,13 +113,16 @@ def test_installed_context_manager_restores_state():
     assert inductor_convbn.is_installed()
 
 
-def test_uninstall_refuses_to_drop_a_pass_installed_after_us():
+@pytest.mark.parametrize("field", HOOKS)
+def test_uninstall_refuses_to_drop_a_pass_installed_after_us(field):
     inductor_convbn.install()
+    before = _hooked()
     later = RecordingPass()
-    _compat.inductor_config.post_grad_custom_post_pass = later
+    setattr(_compat.inductor_config, field, later)
     with pytest.raises(RuntimeError, match="replaced after install"):
         inductor_convbn.uninstall()
-    assert _compat.inductor_config.post_grad_custom_post_pass is later
+    # Nothing changed: neither the other library's pass nor ours in the other field.
+    assert _hooked() == [later if f == field else p for f, p in zip(HOOKS, before, strict=True)]
 
 
 def test_install_from_many_threads_installs_one_pass_each():

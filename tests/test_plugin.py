@@ -2,6 +2,8 @@
 
 Each case compiles through ``verify()``, which counts pairs in dynamo's graph (independent of
 the pattern matcher), reads the plugin's own counter, and compares with eager (TF32 off).
+These tests check the fold itself, so they fold every safe pair (``policy="always"``), per
+call or, under freezing, once; test_policy.py checks which pairs ``"auto"`` folds.
 """
 
 import pytest
@@ -48,6 +50,10 @@ def _input(rank, batch=2, size=9, **kw):
     return torch.randn(batch, 4, *[size] * rank, generator=torch.Generator().manual_seed(1), **kw)
 
 
+def fold_and_verify(model, *inputs, **kwargs):
+    return inductor_convbn.verify(model, *inputs, policy="always", **kwargs)
+
+
 def assert_folds(report, pairs, folded=None):
     folded = pairs if folded is None else folded
     assert report.outputs_match, report
@@ -64,14 +70,32 @@ def assert_folds(report, pairs, folded=None):
 )
 def test_folds_every_conv_kind(rank, transposed, hyper, bias, affine):
     model = conv_bn(rank, transposed, bias, affine, hyper=hyper)
-    assert_folds(inductor_convbn.verify(model, _input(rank)), 1)
+    assert_folds(fold_and_verify(model, _input(rank)), 1)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+@pytest.mark.parametrize("policy", ["auto", "always"])
+def test_folds_every_conv_kind_once_under_freezing(rank, transposed, policy):
+    # Freezing makes the folded weights constants; both policies fold every pair then.
+    model = conv_bn(rank, transposed, bias=False, hyper="dilated-grouped")
+    report = inductor_convbn.verify(model, _input(rank), policy=policy, freezing=True)
+    assert_folds(report, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_folds_half_precision_under_freezing(device, dtype):
+    model = conv_bn(2).to(device, dtype)
+    report = inductor_convbn.verify(model, _input(2).to(device, dtype), freezing=True)
+    assert_folds(report, 1)
 
 
 @pytest.mark.parametrize("eps", [1e-3, 1e-5, 0.1])
 def test_folds_any_eps_and_momentum(eps):
     model = conv_bn(2, eps=eps)
     model[1].momentum = None
-    assert_folds(inductor_convbn.verify(model, _input(2)), 1)
+    assert_folds(fold_and_verify(model, _input(2)), 1)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -81,14 +105,14 @@ def test_folds_linear_then_batchnorm1d(bias, affine):
     model = randomize_batch_norm(
         nn.Sequential(nn.Linear(5, 6, bias=bias), nn.BatchNorm1d(6, affine=affine))
     ).eval()
-    assert_folds(inductor_convbn.verify(model, torch.randn(3, 5)), 1)
+    assert_folds(fold_and_verify(model, torch.randn(3, 5)), 1)
 
 
 def test_skips_linear_whose_output_features_are_not_bn_channels():
     # Linear acts on the last dim of (N, C, L); BatchNorm1d(C) normalises dim 1.
     torch.manual_seed(0)
     model = randomize_batch_norm(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(4))).eval()
-    report = inductor_convbn.verify(model, torch.randn(3, 4, 5))
+    report = fold_and_verify(model, torch.randn(3, 4, 5))
     assert report.outputs_match and report.pairs == 1 and report.folded == 0, report
     assert report.skipped == [
         ("0", "linear output is not 2-D: BN normalises dim 1, not the output features")
@@ -106,12 +130,12 @@ def test_folds_functional_batch_norm():
         def forward(self, x):
             return F.batch_norm(self.conv(x), self.mean, self.var, eps=1e-3)
 
-    assert_folds(inductor_convbn.verify(Functional().eval(), _input(2)), 1)
+    assert_folds(fold_and_verify(Functional().eval(), _input(2)), 1)
 
 
 def test_folds_sync_batch_norm_in_eval():
     model = conv_bn(2, bn_cls=nn.SyncBatchNorm)
-    assert_folds(inductor_convbn.verify(model, _input(2)), 1)
+    assert_folds(fold_and_verify(model, _input(2)), 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -119,7 +143,7 @@ def test_folds_sync_batch_norm_in_eval():
 @pytest.mark.parametrize("rank", [1, 2])
 def test_folds_half_precision(device, dtype, rank):
     model = conv_bn(rank).to(device, dtype)
-    assert_folds(inductor_convbn.verify(model, _input(rank).to(device, dtype)), 1)
+    assert_folds(fold_and_verify(model, _input(rank).to(device, dtype)), 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -127,7 +151,7 @@ def test_folds_half_conv_with_float32_batch_norm(device):
     model = conv_bn(2).to(device)
     model[0].half()
     x = _input(2).to(device).half()
-    assert_folds(inductor_convbn.verify(model, x), 1)
+    assert_folds(fold_and_verify(model, x), 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -137,12 +161,12 @@ def test_folds_half_conv_with_float32_batch_norm(device):
 def test_folds_channels_last(device, rank, memory_format):
     model = conv_bn(rank).to(device, memory_format=memory_format)
     x = _input(rank).to(device, memory_format=memory_format)
-    assert_folds(inductor_convbn.verify(model, x), 1)
+    assert_folds(fold_and_verify(model, x), 1)
 
 
 def test_folds_with_dynamic_batch_size():
     model = conv_bn(2)
-    with inductor_convbn.installed(), torch.no_grad():
+    with inductor_convbn.installed("always"), torch.no_grad():
         compiled = torch.compile(model, dynamic=True)
         for batch in (2, 5):
             x = _input(2, batch=batch)
@@ -155,7 +179,7 @@ def test_compiled_model_follows_parameter_updates():
     # Without freezing the fold is computed from the live parameters on every call.
     model = conv_bn(2)
     x = _input(2)
-    with inductor_convbn.installed(), torch.no_grad():
+    with inductor_convbn.installed("always"), torch.no_grad():
         compiled = torch.compile(model)
         compiled(x)
         model[1].running_var.mul_(4.0)
@@ -176,7 +200,7 @@ class TwoUsers(nn.Module):
 
 
 def test_skips_conv_output_with_other_users():
-    report = inductor_convbn.verify(randomize_batch_norm(TwoUsers()).eval(), _input(2))
+    report = fold_and_verify(randomize_batch_norm(TwoUsers()).eval(), _input(2))
     assert report.outputs_match and report.pairs == 1 and report.folded == 0
     assert report.skipped == [("conv", "conv output has other users")]
 
@@ -184,7 +208,7 @@ def test_skips_conv_output_with_other_users():
 def test_skips_training_mode_batch_norm():
     model = conv_bn(2)
     model[1].train()
-    report = inductor_convbn.verify(model, _input(2))
+    report = fold_and_verify(model, _input(2))
     assert report.outputs_match and report.pairs == 1 and report.folded == 0
     assert report.skipped == [("0", "BN is in training mode")]
 
@@ -192,7 +216,7 @@ def test_skips_training_mode_batch_norm():
 def test_skips_batch_norm_without_running_stats():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, track_running_stats=False)).eval()
-    report = inductor_convbn.verify(model, _input(2))
+    report = fold_and_verify(model, _input(2))
     assert report.outputs_match and report.pairs == 1 and report.folded == 0
     assert report.skipped == [("0", "BN has no running statistics (track_running_stats=False)")]
 
@@ -204,13 +228,13 @@ def test_mixed_model_folds_only_the_eligible_pairs():
         nn.Conv2d(6, 6, 3, groups=3), nn.BatchNorm2d(6, track_running_stats=False),
         nn.ConvTranspose2d(6, 4, 2, stride=2), nn.BatchNorm2d(4, eps=1e-3),
     )  # fmt: skip
-    report = inductor_convbn.verify(randomize_batch_norm(model).eval(), _input(2))
+    report = fold_and_verify(randomize_batch_norm(model).eval(), _input(2))
     assert_folds(report, pairs=3, folded=2)
     assert [p.status for p in report.pair_reports] == ["folded", "skipped", "folded"]
 
 
 def test_report_names_pairs_and_renders():
-    report = inductor_convbn.verify(conv_bn(2), _input(2))
+    report = fold_and_verify(conv_bn(2), _input(2))
     assert [(p.conv, p.bn, p.kind, p.status) for p in report.pair_reports] == [
         ("0", "1", "conv2d", "folded")
     ]
@@ -222,7 +246,7 @@ def test_graph_that_needs_gradients_is_left_alone():
     # Without no_grad the conv output is saved for backward: a second user, so no fold.
     model = conv_bn(2)
     x = _input(2)
-    with inductor_convbn.installed():
+    with inductor_convbn.installed("always"):
         out = torch.compile(model)(x)
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
     out.sum().backward()
@@ -243,6 +267,7 @@ def test_verify_leaves_model_and_config_untouched():
     inductor_convbn.verify(model, _input(2))
     assert not inductor_convbn.is_installed()
     assert _compat.inductor_config.post_grad_custom_post_pass is None
+    assert _compat.inductor_config.joint_custom_post_pass is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -251,3 +276,5 @@ def test_verify_rejects_bad_input():
         inductor_convbn.verify(lambda x: x, torch.randn(1))
     with pytest.raises(TypeError, match="example input"):
         inductor_convbn.verify(conv_bn(2))
+    with pytest.raises(ValueError, match="policy must be one of"):
+        inductor_convbn.verify(conv_bn(2), _input(2), policy="sometimes")

@@ -1,5 +1,6 @@
 """How the verifier gives each pair its status, and how the report reads."""
 
+from inductor_convbn._registry import Decision
 from inductor_convbn._report import NOT_MATCHED, FoldReport, _attribute, _module_name
 
 PAIRS = [
@@ -10,23 +11,25 @@ PAIRS = [
 
 
 def test_pairs_recorded_by_the_pass_are_folded_by_name():
-    reports = _attribute(PAIRS, ["layer1.0.conv1", "conv1"], folded=2)
+    decisions = [Decision("layer1.0.conv1", False, "too costly"), Decision("conv1", True)]
+    reports = _attribute(PAIRS, decisions, folded=1, kept=1)
     assert [(r.conv, r.status, r.reason) for r in reports] == [
         ("conv1", "folded", ""),
-        ("layer1.0.conv1", "folded", ""),
+        ("layer1.0.conv1", "kept", "too costly"),
         ("head", "skipped", "BN is in training mode"),
     ]
 
 
 def test_folds_from_the_fx_graph_cache_are_attributed_by_count():
-    reports = _attribute(PAIRS, [], folded=2)
+    reports = _attribute(PAIRS, [], folded=1, kept=1)
     assert [(r.status, r.reason) for r in reports[:2]] == [
-        ("folded", "from the FX graph cache")
-    ] * 2
+        ("folded", "from the FX graph cache"),
+        ("kept", "by policy, from the FX graph cache"),
+    ]
 
 
 def test_an_eligible_pair_without_a_fold_is_reported_as_missed():
-    reports = _attribute(PAIRS, ["conv1"], folded=1)
+    reports = _attribute(PAIRS, [Decision("conv1", True)], folded=1, kept=0)
     report = FoldReport(reports, folded=1, max_abs_error=0.0, outputs_match=True, rtol=0, atol=0)
     assert report.missed == ["layer1.0.conv1"] and reports[1].reason == NOT_MATCHED
     assert report.pairs == 3

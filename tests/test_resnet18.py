@@ -1,4 +1,5 @@
-"""torchvision ResNet18: all 20 conv -> BN pairs folded, also through the FX graph cache."""
+"""torchvision ResNet18: all 20 conv -> BN pairs folded under freezing, each kept pair
+explained without it, also through the FX graph cache."""
 
 import json
 import os
@@ -18,18 +19,32 @@ import json, torch, inductor_convbn
 from inductor_convbn.testing import torchvision_model
 report = inductor_convbn.verify(torchvision_model("resnet18"), torch.randn(1, 3, 64, 64))
 print(json.dumps({
-    "pairs": report.pairs, "folded": report.folded, "hits": report.fx_graph_cache_hits,
-    "match": report.outputs_match, "missed": report.missed,
+    "pairs": report.pairs, "folded": report.folded, "kept": len(report.kept),
+    "hits": report.fx_graph_cache_hits, "match": report.outputs_match, "missed": report.missed,
 }))
 """
 
 
-def test_resnet18_folds_all_twenty_pairs():
-    report = inductor_convbn.verify(torchvision_model("resnet18"), torch.randn(2, 3, 64, 64))
+@pytest.mark.parametrize(
+    ("policy", "freezing"), [("auto", True), ("always", False)], ids=["freezing", "always"]
+)
+def test_resnet18_folds_all_twenty_pairs(policy, freezing):
+    model = torchvision_model("resnet18")
+    report = inductor_convbn.verify(
+        model, torch.randn(2, 3, 64, 64), policy=policy, freezing=freezing
+    )
     assert report.outputs_match, report
     assert report.folded == report.pairs == 20, report
     assert all(p.status == "folded" for p in report.pair_reports)
     assert report.pair_reports[0].conv == "conv1" and report.pair_reports[0].bn == "bn1"
+
+
+def test_resnet18_without_freezing_keeps_each_pair_and_says_why():
+    # Every BN of ResNet18 feeds a ReLU or a residual add, in whose kernel it runs.
+    report = inductor_convbn.verify(torchvision_model("resnet18"), torch.randn(2, 3, 64, 64))
+    assert report.outputs_match and report.pairs == 20 and report.folded == 0, report
+    assert len(report.kept) == 20 and not report.missed
+    assert all("runs inside the next pointwise kernel" in p.reason for p in report.pair_reports)
 
 
 def test_resnet18_second_process_hits_fx_graph_cache_and_still_reports_folds(tmp_path):
@@ -48,4 +63,4 @@ def test_resnet18_second_process_hits_fx_graph_cache_and_still_reports_folds(tmp
     assert first["hits"] == 0 and second["hits"] >= 1
     for run in runs:
         assert run["match"] and not run["missed"]
-        assert run["pairs"] == run["folded"] == 20
+        assert run["pairs"] == run["kept"] == 20 and run["folded"] == 0

@@ -24,6 +24,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--policy",
+        choices=_registry.POLICIES,
+        default="auto",
+        help="auto: fold where it pays (default); always: fold every safe pair",
+    )
+    parser.add_argument(
+        "--no-freezing",
+        dest="freezing",
+        action="store_false",
+        help="compile without Inductor freezing: folds are then recomputed on every call, "
+        "and the auto policy keeps the pairs where that costs more than the BN",
+    )
     parser.add_argument("--no-timing", action="store_true", help="skip the timing comparison")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.image_size < 1:
@@ -54,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"compiling {args.model} with the plugin "
-        f"({args.device}, {args.dtype}, batch {args.batch_size}) ...",
+        f"({args.device}, {args.dtype}, batch {args.batch_size}, "
+        f"{'freezing' if args.freezing else 'no freezing'}) ...",
         flush=True,
     )
-    report = _report.verify(model, x)
+    report = _report.verify(model, x, policy=args.policy, freezing=args.freezing)
     print(report, flush=True)
 
     print(
@@ -67,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.no_timing:
         print("timing plain torch.compile against torch.compile + plugin ...", flush=True)
-        t = _timing.compare_compiled(model, x)
+        t = _timing.compare_compiled(model, x, policy=args.policy, freezing=args.freezing)
         print(
             f"  per call: torch.compile {t['plain_s'] * 1e3:.3f} ms, "
             f"+ plugin {t['plugin_s'] * 1e3:.3f} ms; ratio {t['ratio']:.2f} "

@@ -26,6 +26,7 @@ from torch._inductor.pattern_matcher import (
     fx_to_pattern,
     register_replacement,
 )
+from torch._inductor.utils import run_and_get_code
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._pytree import tree_leaves
 
@@ -42,6 +43,7 @@ __all__ = [
     "int_hint",
     "pattern_tracing_mode",
     "register_pattern",
+    "run_and_get_code",
     "tree_leaves",
 ]
 

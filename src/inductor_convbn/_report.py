@@ -230,23 +230,26 @@ def _max_abs_error(actual: Any, expected: Any) -> tuple[float, torch.dtype]:
     return error, dtype
 
 
-def compile_with_plugin(
+def compile_variant(
     model: Callable[..., Any],
     *,
+    plugin: bool = True,
     dynamic: bool | None = None,
     policy: str = "auto",
     freezing: bool = False,
 ) -> tuple[Callable[..., Any], list[tuple[str, str, str, str]]]:
-    """``torch.compile`` ``model`` with the plugin; also return the pairs its graphs hold.
+    """``torch.compile`` ``model``, with the plugin or without; also return the pairs its
+    graphs hold.
 
-    The pairs list fills when the compiled callable first runs. ``freezing`` turns on
-    Inductor freezing for this compile only; it applies to inference (``no_grad``) calls.
+    The pairs list fills when the compiled callable first runs. The plugin and ``freezing``
+    apply to this compile only (freezing to inference, ``no_grad``, calls).
     """
     pairs: list[tuple[str, str, str, str]] = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         pairs.extend(find_pairs(gm))
-        with _pass.installed(policy), _compat.inductor_config.patch(freezing=freezing):
+        plugin_cm = _pass.installed(policy) if plugin else contextlib.nullcontext()
+        with plugin_cm, _compat.inductor_config.patch(freezing=freezing):
             return _compat.compile_fx(gm, example_inputs)
 
     return torch.compile(_fresh_callable(model), backend=backend, dynamic=dynamic), pairs
@@ -279,7 +282,7 @@ def verify(
     before = _compat.counters["inductor"].copy()
     with torch.no_grad(), _tf32_off():
         expected = reference(*example_inputs)
-        compiled, pairs = compile_with_plugin(
+        compiled, pairs = compile_variant(
             candidate, dynamic=dynamic, policy=policy, freezing=freezing
         )
         actual = compiled(*example_inputs)

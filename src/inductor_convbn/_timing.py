@@ -20,10 +20,16 @@ def _sync(device: torch.device) -> None:
 
 
 def compare_compiled(
-    model: torch.nn.Module, *args: Any, rounds: int = 7, calls: int = 5
+    model: torch.nn.Module,
+    *args: Any,
+    policy: str = "auto",
+    freezing: bool = False,
+    rounds: int = 7,
+    calls: int = 5,
 ) -> dict[str, float]:
     """Compile ``model`` plainly and with the plugin, and time them side by side.
 
+    Both variants compile with or without Inductor freezing alike.
     Calls alternate between the variants, ``calls`` at a time, for ``rounds`` rounds. Returns
     the median seconds per call of each, and the median, lowest and highest per-round ratio
     (plugin / plain). Compile time is not compared here: in one process the second compile
@@ -32,8 +38,8 @@ def compare_compiled(
     """
     device = next(iter(model.parameters())).device
     with torch.no_grad():
-        plain = torch.compile(_report._fresh_callable(copy.deepcopy(model)))
-        plugin, _ = _report.compile_with_plugin(copy.deepcopy(model))
+        plain, _ = _report.compile_variant(copy.deepcopy(model), plugin=False, freezing=freezing)
+        plugin, _ = _report.compile_variant(copy.deepcopy(model), policy=policy, freezing=freezing)
         for fn in (plain, plugin):
             fn(*args)  # compile
             fn(*args)  # warm up
