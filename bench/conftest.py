@@ -7,6 +7,15 @@ import tempfile
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_convbn-bench-"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch  # noqa: E402
+
+# A dozen compiled copies of one model run in one process; dynamo counts their cache
+# entries against the recompile limit, past which it runs them eagerly without a word.
+_LIMIT = (
+    "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+)
+setattr(torch._dynamo.config, _LIMIT, 64)  # recompile_limit: torch >= 2.7
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("inductor_convbn benchmarks")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import variants
-from inductor_convbn import _report
+from inductor_convbn import _compat, _report
 from inductor_convbn.testing import torchvision_model
 
 pytest.importorskip("torchvision")
@@ -74,6 +74,7 @@ def test_resnet18_variants(benchmark, bench_config, request):
     smoke = request.config.getoption("--smoke")
     rounds = request.config.getoption("--rounds") or (2 if smoke else 9)
     dtype_name, channels_last, batch, size, names = bench_config
+    _compat.dynamo_reset()  # this config's variants only; each compiles afresh
     dtype = DTYPES[dtype_name]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = torchvision_model("resnet18").to(device, dtype).to(memory_format=fmt)

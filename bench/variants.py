@@ -22,6 +22,8 @@ import inductor_convbn
 from inductor_convbn import _compat, _report
 
 BASELINE = "compile"
+# Variants that do not go through torch.compile.
+NOT_COMPILED = ("eager", "eager+fx.fuse", "jit.freeze")
 
 
 @dataclasses.dataclass
@@ -172,6 +174,7 @@ def prepare(
     dropped: dict[str, str] = {}
     for name, factory in factories.items():
         before = _compat.counters["inductor"].copy()
+        graphs_before = _compat.counters["stats"]["unique_graphs"]
         try:
             run = factory()
             _sync(x.device)
@@ -187,6 +190,10 @@ def prepare(
             dropped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             continue
         delta = _compat.counters["inductor"] - before
+        graphs = _compat.counters["stats"]["unique_graphs"] - graphs_before
+        if name not in NOT_COMPILED and graphs < 1:
+            # Dynamo ran it eagerly (past a recompile limit, or a reused cache entry).
+            raise AssertionError(f"{name}: dynamo compiled no graph for this variant")
         torch.testing.assert_close(
             out, expected, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
         )
