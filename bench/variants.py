@@ -92,7 +92,10 @@ def _compiled(
         with plugin_cm, _compat.inductor_config.patch(patches):
             return _compat.compile_fx(gm, example_inputs)
 
-    return torch.compile(_report._fresh_callable(copy.deepcopy(model)), backend=backend)
+    compiled = torch.compile(_report._fresh_callable(copy.deepcopy(model)), backend=backend)
+    # Dynamo reads the freezing flag while it traces, before the backend runs: patch the
+    # config around the first call too.
+    return _report._FirstCallPatched(compiled, **patches)
 
 
 def _jit_frozen(model: torch.nn.Module) -> Callable[..., Any]:

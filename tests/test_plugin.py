@@ -13,7 +13,7 @@ from torch import nn
 
 import inductor_convbn
 from conftest import DEVICES
-from inductor_convbn import _compat
+from inductor_convbn import _compat, _registry
 from inductor_convbn.testing import randomize_batch_norm
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -81,6 +81,7 @@ def test_folds_every_conv_kind_once_under_freezing(rank, transposed, policy):
     model = conv_bn(rank, transposed, bias=False, hyper="dilated-grouped")
     report = inductor_convbn.verify(model, _input(rank), policy=policy, freezing=True)
     assert_folds(report, 1)
+    assert report.pair_reports[0].reason == _registry.FOLDED_ONCE
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -89,6 +90,7 @@ def test_folds_half_precision_under_freezing(device, dtype):
     model = conv_bn(2).to(device, dtype)
     report = inductor_convbn.verify(model, _input(2).to(device, dtype), freezing=True)
     assert_folds(report, 1)
+    assert report.pair_reports[0].reason == _registry.FOLDED_ONCE
 
 
 @pytest.mark.parametrize("eps", [1e-3, 1e-5, 0.1])
@@ -235,8 +237,8 @@ def test_mixed_model_folds_only_the_eligible_pairs():
 
 def test_report_names_pairs_and_renders():
     report = fold_and_verify(conv_bn(2), _input(2))
-    assert [(p.conv, p.bn, p.kind, p.status) for p in report.pair_reports] == [
-        ("0", "1", "conv2d", "folded")
+    assert [(p.conv, p.bn, p.kind, p.status, p.reason) for p in report.pair_reports] == [
+        ("0", "1", "conv2d", "folded", _registry.FOLDED_PER_CALL)
     ]
     text = str(report)
     assert "folded 1 of 1 conv->bn pairs" in text and "conv2d" in text

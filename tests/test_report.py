@@ -11,10 +11,10 @@ PAIRS = [
 
 
 def test_pairs_recorded_by_the_pass_are_folded_by_name():
-    decisions = [Decision("layer1.0.conv1", False, "too costly"), Decision("conv1", True)]
+    decisions = [Decision("layer1.0.conv1", False, "too costly"), Decision("conv1", True, "once")]
     reports = _attribute(PAIRS, decisions, folded=1, kept=1)
     assert [(r.conv, r.status, r.reason) for r in reports] == [
-        ("conv1", "folded", ""),
+        ("conv1", "folded", "once"),
         ("layer1.0.conv1", "kept", "too costly"),
         ("head", "skipped", "BN is in training mode"),
     ]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch._dynamo.utils import counters
-from torch._guards import tracing
+from torch._guards import TracingContext, tracing
 from torch._inductor import config as inductor_config
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -38,6 +38,7 @@ __all__ = [
     "compile_fx",
     "counters",
     "dynamo_reset",
+    "frozen_parameter_count",
     "get_hash_for_files",
     "inductor_config",
     "int_hint",
@@ -172,6 +173,24 @@ def pattern_tracing_mode() -> Iterator[None]:
             yield
     finally:
         counters["inductor"] = saved
+
+
+def frozen_parameter_count() -> int:
+    """How many leading inputs of the graph being compiled freezing turns into constants.
+
+    Dynamo hands parameters to the backend as module attributes, and AOT autograd lists
+    them first among the graph's inputs, only when it traced with freezing on and grad off;
+    Inductor's freezing then makes exactly those constants. Freezing turned on for the
+    backend alone (``torch.compile(options={"freezing": True})``) freezes nothing.
+    """
+    if not inductor_config.freezing:
+        return 0
+    context = TracingContext.try_get()
+    # params_flat_unwrap_subclasses: torch >= 2.5; params_flat before it.
+    params = getattr(context, "params_flat_unwrap_subclasses", None)
+    if params is None:
+        params = getattr(context, "params_flat", None)
+    return len(params) if params else 0
 
 
 def dynamo_reset() -> None:

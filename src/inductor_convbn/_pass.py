@@ -31,10 +31,10 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
     """Runs the pass that was installed before it (if any), then folds conv -> batch_norm.
 
     One instance per stage: ``"joint"`` runs on the graph AOT autograd hands Inductor, before
-    freezing turns parameters into constants, and folds only when freezing is on, so the
-    folded weights are constant-folded once at compile time. ``"post_grad"`` runs on the
-    graph Inductor lowers, where a fold is recomputed on every call, from the live
-    parameters; ``policy`` (``_registry.POLICIES``) says where that pays.
+    freezing turns parameters into constants, and folds only pairs whose parameters freezing
+    will make constants, so their folded weights are computed once, at compile time.
+    ``"post_grad"`` runs on the graph Inductor lowers, where a fold is recomputed on every
+    call, from the live parameters; ``policy`` (``_registry.POLICIES``) says where that pays.
 
     Being a ``CustomGraphPass`` with a ``uuid()`` keeps Inductor's FX graph cache on: a
     bare function as a custom pass makes every compile bypass the cache.
@@ -59,7 +59,7 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         for other in self._chained():
             other(graph)
-        if self.stage == "joint" and not (_compat.inductor_config.freezing and _is_forward(graph)):
+        if self.stage == "joint" and not _compat.frozen_parameter_count():
             return
         _registry.fold(graph, stage=self.stage, policy=self.policy)
 
@@ -73,14 +73,6 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
                 return None
             others.append(other_uuid)
         return (_compat.get_hash_for_files(_SOURCE_FILES), self.stage, self.policy, *others)
-
-
-def _is_forward(graph: torch.fx.Graph) -> bool:
-    # A joint forward + backward graph takes the outputs' gradients as "tangents" inputs;
-    # freezing compiles only inference graphs.
-    return not any(
-        n.op == "placeholder" and str(n.target).startswith("tangents") for n in graph.nodes
-    )
 
 
 _lock = threading.RLock()

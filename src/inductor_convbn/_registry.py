@@ -47,7 +47,11 @@ class Decision:
 
     layer: str  # where the layer sits, ``describe_node``
     folded: bool
-    reason: str = ""  # why a pair was kept unfolded
+    reason: str = ""  # how a pair was folded, or why it was kept
+
+
+FOLDED_ONCE = "once, at compile time (freezing)"
+FOLDED_PER_CALL = "recomputed every call, from the live parameters"
 
 
 # Decisions since the last take_decisions(), recorded by the pattern's check.
@@ -61,6 +65,8 @@ class _Run:
 
     stage: str
     policy: str
+    # Inputs freezing turns into constants: a fold of those alone is computed once.
+    frozen: frozenset[torch.fx.Node] = frozenset()
     # Layers already kept: a pair kept at its BN's last node is seen again at an earlier
     # node, where the template without BN affine matches the head of the same BN.
     kept: set[torch.fx.Node] = dataclasses.field(default_factory=set)
@@ -281,7 +287,14 @@ def _record(decision: Decision) -> None:
 def _check_policy(match: _compat.Match) -> bool:
     """Keep a pair the policy says not to fold; runs before the costly exact re-match."""
     run = _active.get()
-    if run is None or run.policy != "auto" or run.stage != "post_grad":
+    if run is None:
+        return True
+    if run.stage == "joint":
+        # Fold here only what freezing will fold into constants; the rest is left to the
+        # post-grad stage, which decides on the cost of folding it every call.
+        params = [v for k, v in match.kwargs.items() if k != "x" and isinstance(v, torch.fx.Node)]
+        return all(p in run.frozen for p in params)
+    if run.policy != "auto":
         return True
     layer = _layer_node(match)
     if layer in run.kept:
@@ -298,7 +311,9 @@ def _record_fold(match: _compat.Match) -> bool:
 
     The verifier reads the records to name each pair's outcome.
     """
-    _record(Decision(describe_node(_layer_node(match)), True))
+    run = _active.get()
+    how = FOLDED_ONCE if run is not None and run.stage == "joint" else FOLDED_PER_CALL
+    _record(Decision(describe_node(_layer_node(match)), True, how))
     return True
 
 
@@ -377,7 +392,11 @@ def fold(graph: torch.fx.Graph, *, stage: str = "post_grad", policy: str = "auto
     """Fold the eligible pairs in ``graph`` that ``policy`` says to; return how many."""
     start = time.perf_counter()
     register_for_graph(graph)
-    token = _active.set(_Run(stage, policy))
+    frozen: frozenset[torch.fx.Node] = frozenset()
+    if stage == "joint":
+        count = _compat.frozen_parameter_count()
+        frozen = frozenset([n for n in graph.nodes if n.op == "placeholder"][:count])
+    token = _active.set(_Run(stage, policy, frozen))
     try:
         count = PATTERNS.apply(graph)
     finally:

@@ -241,18 +241,38 @@ def compile_variant(
     """``torch.compile`` ``model``, with the plugin or without; also return the pairs its
     graphs hold.
 
-    The pairs list fills when the compiled callable first runs. The plugin and ``freezing``
-    apply to this compile only (freezing to inference, ``no_grad``, calls).
+    The pairs list fills when the compiled callable first runs. The plugin applies to this
+    compile only. ``freezing`` applies to the first call, under ``no_grad``: dynamo must
+    trace with freezing on to hand parameters over as constants, so it is set around that
+    call, not just around Inductor's compile.
     """
     pairs: list[tuple[str, str, str, str]] = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         pairs.extend(find_pairs(gm))
         plugin_cm = _pass.installed(policy) if plugin else contextlib.nullcontext()
-        with plugin_cm, _compat.inductor_config.patch(freezing=freezing):
+        with plugin_cm:
             return _compat.compile_fx(gm, example_inputs)
 
-    return torch.compile(_fresh_callable(model), backend=backend, dynamic=dynamic), pairs
+    compiled = torch.compile(_fresh_callable(model), backend=backend, dynamic=dynamic)
+    if freezing:
+        compiled = _FirstCallPatched(compiled, freezing=True)
+    return compiled, pairs
+
+
+class _FirstCallPatched:
+    """Calls ``fn`` with Inductor's config patched for its first call (the compile) only."""
+
+    def __init__(self, fn: Callable[..., Any], **config: Any) -> None:
+        self.fn = fn
+        self.config: dict[str, Any] | None = config
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.config is None:
+            return self.fn(*args, **kwargs)
+        config, self.config = self.config, None
+        with _compat.inductor_config.patch(config):
+            return self.fn(*args, **kwargs)
 
 
 def verify(
