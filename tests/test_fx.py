@@ -88,6 +88,14 @@ def test_folds_every_conv_kind(rank, transposed, bias, affine, groups):
     assert_matches_eager(fused, model, _input(rank))
 
 
+def test_sync_batch_norm_in_eval_is_folded():
+    model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.SyncBatchNorm(6, eps=1e-3))
+    model = randomize_batch_norm(model).eval()
+    fused = fx.fuse(model)
+    assert fx.fuse_report(fused).folded == 1 and not list(_bn_nodes(fused))
+    assert_matches_eager(fused, model, _input())
+
+
 @pytest.mark.parametrize("eps", [1e-5, 0.1])
 def test_eps_is_the_bns_own(eps):
     model = conv_bn(eps=eps)
@@ -461,15 +469,15 @@ def _check_torchvision(name):
         actual, expected = fused(x), model(x)
     # Random weights let activations grow with depth (1e8 in inception_v3): compare relative
     # to the output's scale.
-    scale = float(expected.abs().max())
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * max(scale, 1.0))
-    return report
+    scale = max(float(expected.abs().max()), 1.0)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * scale)
+    return report, float((actual - expected).abs().max()) / scale
 
 
 @pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")
 @pytest.mark.parametrize("name", FAST_TORCHVISION)
 def test_torchvision_models_fold_every_pair(name):
-    report = _check_torchvision(name)
+    report, _ = _check_torchvision(name)
     assert report.folded == report.pairs > 0 and not report.skipped
 
 
