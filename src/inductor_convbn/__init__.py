@@ -1,10 +1,12 @@
 """Fold eval-mode BatchNorm into the convolution before it, inside ``torch.compile``.
 
-Call :func:`install` before compiling; :func:`verify` shows what was folded.
+Call :func:`install` before compiling; :func:`verify` shows what was folded. Without
+compiling, :func:`inductor_convbn.fx.fuse` folds at module level through ``torch.fx``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import fx
 from ._fold import fold_conv_bn_weights
 from ._pass import ConvBnFoldPass, install, installed, is_installed, uninstall
 from ._report import FoldReport, PairReport, verify
@@ -20,6 +22,7 @@ __all__ = [
     "PairReport",
     "__version__",
     "fold_conv_bn_weights",
+    "fx",
     "install",
     "installed",
     "is_installed",

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 __all__ = [
     "CONFIG_IS_THREAD_LOCAL",
     "CustomGraphPass",
+    "FakeTensorMode",
     "Match",
     "PatternMatcherPass",
     "compile_fx",

@@ -22,6 +22,11 @@ FOLDED = "folded"
 SKIPPED = "skipped"  # folding would change results
 KEPT = "kept"  # safe to fold, but the policy judged it not worth it
 NOT_MATCHED = "eligible, but the pattern did not match"
+# Why a pair is not folded; the FX fuser uses the same words.
+NO_RUNNING_STATS = "BN has no running statistics (track_running_stats=False)"
+BN_TRAINING = "BN is in training mode"
+OTHER_USERS = "conv output has other users"
+LINEAR_NOT_2D = "linear output is not 2-D: BN normalises dim 1, not the output features"
 
 # Layer calls as dynamo records them (torch.nn.functional.conv2d is torch.conv2d).
 _LAYER_FNS: dict[Any, str] = {
@@ -172,13 +177,13 @@ def find_pairs(gm: torch.fx.GraphModule) -> list[tuple[str, str, str, str]]:
             continue
         has_stats, training = state
         if not has_stats:
-            reason = "BN has no running statistics (track_running_stats=False)"
+            reason = NO_RUNNING_STATS
         elif training is not False:
-            reason = "BN is in training mode"
+            reason = BN_TRAINING
         elif len(layer.users) > 1:
-            reason = "conv output has other users"
+            reason = OTHER_USERS
         elif kind == "linear" and _rank(layer) != 2:
-            reason = "linear output is not 2-D: BN normalises dim 1, not the output features"
+            reason = LINEAR_NOT_2D
         else:
             reason = ""
         pairs.append((_registry.describe_node(layer), _registry.describe_node(node), kind, reason))
