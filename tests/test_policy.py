@@ -100,3 +100,35 @@ def test_joint_stage_folds_nothing_without_freezing():
     fold_pass(graph)
     assert len(graph.nodes) == nodes
     assert _compat.counters["inductor"]["inductor_convbn_folded"] == 0
+
+
+def _overflowing_half_model(device):
+    # The BN scale (gamma / sqrt(var + eps)) is 1e7: the folded fp16 weight overflows, while
+    # conv and BN apart stay finite on small activations. A transposed conv, because on CPU
+    # Inductor's own freezing folds a Conv2d + BN itself, overflow and all (it gives NaN).
+    conv = nn.ConvTranspose2d(4, 6, 3, padding=1, bias=False)
+    model = _model(conv, nn.BatchNorm2d(6, eps=1e-12), nn.ReLU())
+    with torch.no_grad():
+        model[1].running_mean.zero_()
+        model[1].running_var.zero_()
+        model[1].weight.fill_(10.0)
+    return model.to(device, torch.float16)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_freezing_skips_a_fold_that_overflows_the_dtype(device):
+    model = _overflowing_half_model(device)
+    x = (_x(2, 4, 8, 8) * 1e-5).to(device, torch.float16)
+    report = inductor_convbn.verify(model, x, freezing=True)
+    assert report.outputs_match and report.pairs == 1 and report.folded == 0, report
+    assert report.skipped == [("0", _registry.NOT_FINITE.format(dtype="float16"))]
+    assert not report.missed and not report.kept
+    assert _compat.counters["inductor"]["inductor_convbn_unsafe"] == 1
+
+
+def test_freezing_skips_a_fold_of_non_finite_statistics():
+    model = _model(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6))
+    with torch.no_grad():
+        model[1].running_var[2] = float("inf")
+    report = inductor_convbn.verify(model, _x(2, 4, 8, 8), freezing=True)
+    assert report.folded == 0 and report.skipped == [("0", _registry.STATS_NOT_FINITE)], report

@@ -39,7 +39,7 @@ __all__ = [
     "compile_fx",
     "counters",
     "dynamo_reset",
-    "frozen_parameter_count",
+    "frozen_parameters",
     "get_hash_for_files",
     "inductor_config",
     "int_hint",
@@ -47,6 +47,7 @@ __all__ = [
     "register_pattern",
     "run_and_get_code",
     "tree_leaves",
+    "unset_fake_temporarily",
 ]
 
 # torch 2.14 keeps user overrides of Inductor's config in ContextVars: a value set in one
@@ -176,8 +177,8 @@ def pattern_tracing_mode() -> Iterator[None]:
         counters["inductor"] = saved
 
 
-def frozen_parameter_count() -> int:
-    """How many leading inputs of the graph being compiled freezing turns into constants.
+def frozen_parameters() -> list[torch.Tensor]:
+    """The tensors freezing turns into constants, in the order of the graph's first inputs.
 
     Dynamo hands parameters to the backend as module attributes, and AOT autograd lists
     them first among the graph's inputs, only when it traced with freezing on and grad off;
@@ -185,13 +186,13 @@ def frozen_parameter_count() -> int:
     backend alone (``torch.compile(options={"freezing": True})``) freezes nothing.
     """
     if not inductor_config.freezing:
-        return 0
+        return []
     context = TracingContext.try_get()
     # params_flat_unwrap_subclasses: torch >= 2.5; params_flat before it.
     params = getattr(context, "params_flat_unwrap_subclasses", None)
     if params is None:
         params = getattr(context, "params_flat", None)
-    return len(params) if params else 0
+    return list(params) if params else []
 
 
 def dynamo_reset() -> None:

@@ -59,7 +59,7 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         for other in self._chained():
             other(graph)
-        if self.stage == "joint" and not _compat.frozen_parameter_count():
+        if self.stage == "joint" and not _compat.frozen_parameters():
             return
         _registry.fold(graph, stage=self.stage, policy=self.policy)
 

@@ -22,7 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,8 @@ class Decision:
 
     layer: str  # where the layer sits, ``describe_node``
     folded: bool
-    reason: str = ""  # how a pair was folded, or why it was kept
+    reason: str = ""  # how a pair was folded, or why it was not
+    unsafe: bool = False  # not folded because the fold would change results
 
 
 FOLDED_ONCE = "once, at compile time (freezing)"
@@ -65,8 +66,9 @@ class _Run:
 
     stage: str
     policy: str
-    # Inputs freezing turns into constants: a fold of those alone is computed once.
-    frozen: frozenset[torch.fx.Node] = frozenset()
+    # Inputs freezing turns into constants, with their values: a fold of those alone is
+    # computed once, and can be checked before it is made.
+    frozen: dict[torch.fx.Node, torch.Tensor] = dataclasses.field(default_factory=dict)
     # Layers already kept: a pair kept at its BN's last node is seen again at an earlier
     # node, where the template without BN affine matches the head of the same BN.
     kept: set[torch.fx.Node] = dataclasses.field(default_factory=set)
@@ -280,7 +282,13 @@ def _layer_node(match: _compat.Match) -> torch.fx.Node:
 def _record(decision: Decision) -> None:
     with _decisions_lock:
         _decisions.append(decision)
-    counter = "inductor_convbn_folded" if decision.folded else "inductor_convbn_kept"
+    counter = (
+        "inductor_convbn_folded"
+        if decision.folded
+        else "inductor_convbn_unsafe"
+        if decision.unsafe
+        else "inductor_convbn_kept"
+    )
     _compat.counters["inductor"][counter] += 1
 
 
@@ -289,21 +297,60 @@ def _check_policy(match: _compat.Match) -> bool:
     run = _active.get()
     if run is None:
         return True
+    layer = _layer_node(match)
+    if layer in run.kept:
+        return False
     if run.stage == "joint":
         # Fold here only what freezing will fold into constants; the rest is left to the
         # post-grad stage, which decides on the cost of folding it every call.
         params = [v for k, v in match.kwargs.items() if k != "x" and isinstance(v, torch.fx.Node)]
-        return all(p in run.frozen for p in params)
+        if not all(p in run.frozen for p in params):
+            return False
+        reason = _not_finite_reason(match, layer, run.frozen)
+        if reason:
+            run.kept.add(layer)
+            _record(Decision(describe_node(layer), False, reason, unsafe=True))
+        return not reason
     if run.policy != "auto":
         return True
-    layer = _layer_node(match)
-    if layer in run.kept:
-        return False
     reason = per_call_cost_reason(layer, match.output_node())
     if reason:
         run.kept.add(layer)
         _record(Decision(describe_node(layer), False, reason))
     return not reason
+
+
+NOT_FINITE = "the folded weight or bias is not finite in {dtype}: folding would change results"
+STATS_NOT_FINITE = "the BN statistics or parameters are not finite"
+
+
+def _not_finite_reason(
+    match: _compat.Match, layer: torch.fx.Node, values: dict[torch.fx.Node, torch.Tensor]
+) -> str:
+    """Why folding these frozen values would change results; "" if it would not.
+
+    A fold in fp16 can overflow where the conv and the BN apart do not (a large BN scale,
+    a small activation); non-finite statistics would be spread into every weight.
+    """
+    k = match.kwargs
+    tensors = {
+        name: values[k[name]] for name in _FOLD_ARGS if isinstance(k.get(name), torch.fx.Node)
+    }
+    conv = layer.target is aten.convolution.default
+    with _compat.unset_fake_temporarily(), torch.no_grad():
+        if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+            return STATS_NOT_FINITE
+        weight, bias = fold_conv_bn_weights(
+            tensors["w"], tensors.get("b"), tensors["mean"], tensors["var"], float(k["eps"]),
+            tensors.get("gamma"), tensors.get("beta"),
+            transposed=bool(conv and layer.args[6]), groups=cast(int, layer.args[8]) if conv else 1,
+        )  # fmt: skip
+        if bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all()):
+            return ""
+    return NOT_FINITE.format(dtype=str(weight.dtype).removeprefix("torch."))
+
+
+_FOLD_ARGS = ("w", "b", "mean", "var", "gamma", "beta")
 
 
 def _record_fold(match: _compat.Match) -> bool:
@@ -392,10 +439,11 @@ def fold(graph: torch.fx.Graph, *, stage: str = "post_grad", policy: str = "auto
     """Fold the eligible pairs in ``graph`` that ``policy`` says to; return how many."""
     start = time.perf_counter()
     register_for_graph(graph)
-    frozen: frozenset[torch.fx.Node] = frozenset()
+    frozen: dict[torch.fx.Node, torch.Tensor] = {}
     if stage == "joint":
-        count = _compat.frozen_parameter_count()
-        frozen = frozenset([n for n in graph.nodes if n.op == "placeholder"][:count])
+        values = _compat.frozen_parameters()
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        frozen = dict(zip(placeholders, values, strict=False))
     token = _active.set(_Run(stage, policy, frozen))
     try:
         count = PATTERNS.apply(graph)

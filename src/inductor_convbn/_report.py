@@ -328,7 +328,11 @@ def verify(
     decisions = [dataclasses.replace(d, layer=_module_name(d.layer, names)) for d in decisions]
     return FoldReport(
         pair_reports=_attribute(
-            pairs, decisions, delta["inductor_convbn_folded"], delta["inductor_convbn_kept"]
+            pairs,
+            decisions,
+            delta["inductor_convbn_folded"],
+            delta["inductor_convbn_kept"],
+            delta["inductor_convbn_unsafe"],
         ),
         folded=delta["inductor_convbn_folded"],
         max_abs_error=error,
@@ -357,6 +361,7 @@ def _attribute(
     decisions: list[_registry.Decision],
     folded: int,
     kept: int,
+    unsafe: int = 0,
 ) -> list[PairReport]:
     """Give each pair its status: the pass's own record where it ran, else the counts.
 
@@ -367,20 +372,27 @@ def _attribute(
     for d in decisions:
         recorded.setdefault(d.layer, []).append(d)
     unrecorded_folded = folded - sum(d.folded for d in decisions)
-    unrecorded_kept = kept - sum(not d.folded for d in decisions)
+    unrecorded_kept = kept - sum(not d.folded and not d.unsafe for d in decisions)
+    unrecorded_unsafe = unsafe - sum(d.unsafe for d in decisions)
     reports = []
     for conv, bn, kind, reason in pairs:
         if reason:
             reports.append(PairReport(conv, bn, kind, SKIPPED, reason))
         elif recorded.get(conv):
             d = recorded[conv].pop(0)
-            reports.append(PairReport(conv, bn, kind, FOLDED if d.folded else KEPT, d.reason))
+            status = FOLDED if d.folded else SKIPPED if d.unsafe else KEPT
+            reports.append(PairReport(conv, bn, kind, status, d.reason))
         elif unrecorded_folded > 0:
             unrecorded_folded -= 1
             reports.append(PairReport(conv, bn, kind, FOLDED, "from the FX graph cache"))
         elif unrecorded_kept > 0:
             unrecorded_kept -= 1
             reports.append(PairReport(conv, bn, kind, KEPT, "by policy, from the FX graph cache"))
+        elif unrecorded_unsafe > 0:
+            unrecorded_unsafe -= 1
+            reports.append(
+                PairReport(conv, bn, kind, SKIPPED, "fold not finite, from the FX graph cache")
+            )
         else:
             reports.append(PairReport(conv, bn, kind, SKIPPED, NOT_MATCHED))
     return reports
