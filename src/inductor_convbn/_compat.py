@@ -17,6 +17,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch._guards import tracing
 from torch._inductor import config as inductor_config
+from torch._inductor import pattern_matcher as _pattern_matcher
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import (
@@ -56,6 +57,9 @@ CONFIG_IS_THREAD_LOCAL = isinstance(
 
 # `skip_duplicates` arrived in torch 2.7; before it a duplicate pattern raised.
 _HAS_SKIP_DUPLICATES = "skip_duplicates" in inspect.signature(register_replacement).parameters
+# torch 2.6 keeps the printed form of every registered pattern in one process-wide set and
+# fails a bare `assert` on a duplicate.
+_SEEN_PATTERNS = getattr(_pattern_matcher, "_seen_patterns", None)
 
 
 def register_pattern(
@@ -80,16 +84,15 @@ def register_pattern(
                 search_fn, replace_fn, example_inputs, fwd_only, pass_dict, **kwargs
             )
         )
-    try:  # torch 2.6
-        return bool(
-            register_replacement(
-                search_fn, replace_fn, example_inputs, fwd_only, pass_dict, **kwargs
-            )
+    if isinstance(_SEEN_PATTERNS, set):  # torch 2.6: look for the duplicate first
+        pattern = _pattern_matcher.gen_pattern(
+            search_fn, example_inputs, fwd_only, scalar_workaround
         )
-    except RuntimeError as e:
-        if "Duplicate pattern" not in str(e):
-            raise
-        return False
+        if _pattern_matcher.PatternPrettyPrinter.run(pattern) in _SEEN_PATTERNS:
+            return False
+    return bool(
+        register_replacement(search_fn, replace_fn, example_inputs, fwd_only, pass_dict, **kwargs)
+    )
 
 
 @contextlib.contextmanager
