@@ -53,9 +53,11 @@ def _pip_env(torch: str) -> dict[str, str]:
 @nox.parametrize("torch", list(TORCH_VERSIONS))
 def tests(session: nox.Session, torch: str) -> None:
     """The test suite, then the ResNet18 fold check, on one torch release."""
+    # `===`: exactly the registry's build. `==2.13.0` also takes a local `2.13.0+cpu`
+    # (this machine's find-links has one), which the registry's torchvision cannot load.
     session.install(
-        f"torch=={torch}",
-        f"torchvision=={TORCH_VERSIONS[torch]}",
+        f"torch==={torch}",
+        f"torchvision==={TORCH_VERSIONS[torch]}",
         "-e",
         ".[test]",
         env=_pip_env(torch),
