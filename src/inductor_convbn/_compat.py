@@ -17,6 +17,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch._guards import TracingContext, tracing
 from torch._inductor import config as inductor_config
+from torch._inductor import pattern_matcher as _pattern_matcher
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import (
@@ -67,6 +68,9 @@ _HAS_SKIP_DUPLICATES = "skip_duplicates" in _REGISTER_PARAMETERS
 # `search_fn_pattern` (a pre-traced pattern) is in every release from torch 2.6 on; checked
 # all the same, since without it the pass is only slower.
 _HAS_SEARCH_FN_PATTERN = "search_fn_pattern" in _REGISTER_PARAMETERS
+# torch 2.6 keeps the printed form of every registered pattern in one process-wide set and
+# fails a bare `assert` on a duplicate.
+_SEEN_PATTERNS = getattr(_pattern_matcher, "_seen_patterns", None)
 
 
 def register_pattern(
@@ -94,22 +98,15 @@ def register_pattern(
         kwargs["search_fn_pattern"] = _exact_pattern(search_fn, example_inputs, scalar_workaround)
     if _HAS_SKIP_DUPLICATES:  # torch >= 2.7
         kwargs["skip_duplicates"] = True
-        registered = bool(
-            register_replacement(
-                search_fn, replace_fn, example_inputs, fwd_only, pass_dict, **kwargs
-            )
+    elif isinstance(_SEEN_PATTERNS, set):  # torch 2.6: look for the duplicate first
+        pattern = kwargs.get("search_fn_pattern") or _pattern_matcher.gen_pattern(
+            search_fn, example_inputs, fwd_only, scalar_workaround
         )
-    else:
-        try:  # torch 2.6
-            registered = bool(
-                register_replacement(
-                    search_fn, replace_fn, example_inputs, fwd_only, pass_dict, **kwargs
-                )
-            )
-        except RuntimeError as e:
-            if "Duplicate pattern" not in str(e):
-                raise
-            registered = False
+        if _pattern_matcher.PatternPrettyPrinter.run(pattern) in _SEEN_PATTERNS:
+            return False
+    registered = bool(
+        register_replacement(search_fn, replace_fn, example_inputs, fwd_only, pass_dict, **kwargs)
+    )
     if early_check is not None:
         for entries in _pattern_entries(pass_dict):
             for entry in entries:
