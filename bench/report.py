@@ -80,10 +80,15 @@ def tables(configs: list[dict[str, Any]], compile_times: list[dict[str, Any]]) -
             out.append(f"| {_config_name(c)} | {base_ms:.3f} | " + " | ".join(cells) + " |")
         shared = [v for v in variants if all(v in c["summary"] for c in group)]
         geo = [f"{_geomean([c['summary'][v]['ratio'] for c in group]):.3f}" for v in shared]
-        out.append("\nGeometric mean over these configs: " + ", ".join(
-            f"{v} {g}" for v, g in zip(shared, geo, strict=True)
-        ) + ".\n")
-        out.append("<details><summary>Per-round spread, folds, compile time</summary>\n")
+        out.append(
+            "\nGeometric mean over these configs: "
+            + ", ".join(f"{v} {g}" for v, g in zip(shared, geo, strict=True))
+            + ".\n"
+        )
+        # markdown='1': mkdocs (md_in_html) renders the tables inside; GitHub ignores it.
+        out.append(
+            "<details markdown='1'><summary>Per-round spread, folds, compile time</summary>\n"
+        )
         for c in group:
             out.append(f"\n{_config_name(c)} ({c['calls_per_round']} calls a round):\n")
             out.append("| variant | ms per call | ratio | rounds | first call s | folded | kept |")

@@ -1,7 +1,7 @@
 """Fold eval-mode BatchNorm into the convolution before it, inside ``torch.compile``.
 
-Call :func:`install` before compiling; :func:`verify` shows what was folded. Without
-compiling, :func:`inductor_convbn.fx.fuse` folds at module level through ``torch.fx``.
+Call ``install()`` before compiling; ``verify()`` shows what was folded. Without
+compiling, ``inductor_convbn.fx.fuse()`` folds at module level through ``torch.fx``.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -114,7 +114,7 @@ def install(policy: str = "auto") -> None:
 
 
 def uninstall() -> None:
-    """Put back the passes that were there before :func:`install`.
+    """Put back the passes that were there before ``install()``.
 
     Does nothing when not installed. Raises ``RuntimeError``, changing nothing, when
     another library replaced one of our passes since, rather than dropping its pass.

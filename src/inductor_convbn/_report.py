@@ -293,7 +293,7 @@ def verify(
 
     Runs under ``torch.no_grad()`` with TF32 off. ``model`` itself is left as it is.
     Tolerances default per output dtype (``DEFAULT_TOLERANCES``). ``policy`` is
-    :func:`install`'s; ``freezing`` compiles with Inductor freezing on.
+    ``install()``'s; ``freezing`` compiles with Inductor freezing on.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"verify() takes an nn.Module, got {type(model).__name__}")

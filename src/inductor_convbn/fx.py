@@ -9,7 +9,7 @@ folded copy, drop the BatchNorm, and return the ``torch.fx.GraphModule``::
     fused = fx.fuse(model.eval())       # `model` itself is left as it is
     print(fx.fuse_report(fused))        # each conv -> bn pair: folded, or skipped and why
 
-The weights come from :func:`inductor_convbn.fold_conv_bn_weights`, the formula the compiled
+The weights come from ``inductor_convbn.fold_conv_bn_weights``, the formula the compiled
 plugin uses too.
 """
 
@@ -140,8 +140,8 @@ def fuse(model: nn.Module, *example_inputs: Any) -> torch.fx.GraphModule:
     the fold assumes: batched for a conv, 2-D for a linear (BN normalises dim 1). Without
     them, a conv input is assumed batched, and a linear -> BN pair is folded with a note.
 
-    Returns the ``GraphModule``; :func:`fuse_report` gives what was folded. ``model`` is not
-    modified. Raises :class:`FuseError`, naming the module, when ``torch.fx`` cannot trace it.
+    Returns the ``GraphModule``; ``fuse_report()`` gives what was folded. ``model`` is not
+    modified. Raises ``FuseError``, naming the module, when ``torch.fx`` cannot trace it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse() takes an nn.Module, got {type(model).__name__}")
