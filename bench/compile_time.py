@@ -25,26 +25,16 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import variants  # noqa: E402
 from inductor_convbn import _registry  # noqa: E402
-from inductor_convbn.testing import torchvision_model  # noqa: E402
 
 VARIANTS = ("compile", "plugin", "plugin-always", "freezing", "freezing+plugin")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("variant", choices=VARIANTS)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--channels-last", action="store_true")
+    variants.add_model_arguments(parser)
     args = parser.parse_args()
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    dtype = DTYPES[args.dtype]
-    model = torchvision_model("resnet18").to(args.device, dtype).to(memory_format=fmt)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    x = x.to(args.device, dtype).to(memory_format=fmt)
+    model, x = variants.model_and_input(args)
     factory = variants.build_variants(
         model, cuda=args.device == "cuda", batch_size=args.batch_size, names=[args.variant]
     )[args.variant]

@@ -19,28 +19,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import variants  # noqa: E402
 from inductor_convbn import _compat  # noqa: E402
-from inductor_convbn.testing import torchvision_model  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--channels-last", action="store_true")
+    variants.add_model_arguments(parser)
     parser.add_argument(
         "--variants", default="compile,plugin,freezing,freezing+plugin,offline,offline+freezing"
     )
     parser.add_argument("--dump", default=None, help="write each variant's code to this folder")
     args = parser.parse_args()
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    dtype = DTYPES[args.dtype]
-    model = torchvision_model("resnet18").to(args.device, dtype).to(memory_format=fmt)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    x = x.to(args.device, dtype).to(memory_format=fmt)
+    model, x = variants.model_and_input(args)
     names = args.variants.split(",")
     factories = variants.build_variants(
         model, cuda=args.device == "cuda", batch_size=args.batch_size, names=names

@@ -8,18 +8,20 @@ docs/benchmarks.md, "How not to fool yourself").
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 import inductor_convbn
 from inductor_convbn import _compat, _report
+from inductor_convbn.testing import torchvision_model
 
 BASELINE = "compile"
 # Variants that do not go through torch.compile.
@@ -152,14 +154,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def tf32_off() -> Iterator[None]:
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+# TF32 off, as verify() has it: every variant is checked against eager at fp32 tolerances.
+tf32_off = _report._tf32_off
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a script that builds ResNet18 and its input: see model_and_input."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--channels-last", action="store_true")
+
+
+def model_and_input(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+    """ResNet18 with random BN state, and an input, as add_model_arguments' options say."""
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    dtype = DTYPES[args.dtype]
+    model = torchvision_model("resnet18").to(args.device, dtype).to(memory_format=fmt)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    return model, x.to(args.device, dtype).to(memory_format=fmt)
 
 
 def prepare(

@@ -115,18 +115,23 @@ class FoldReport:
         )
         if self.fx_graph_cache_hits:
             head += f"; {self.fx_graph_cache_hits} graph(s) from the FX graph cache"
-        if not self.pair_reports:
-            return head
-        rows = [("conv", "bn", "kind", "status")] + [
-            (p.conv, p.bn, p.kind, p.status + (f": {p.reason}" if p.reason else ""))
-            for p in self.pair_reports
-        ]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = [head]
-        for r in rows:
-            cells = (c.ljust(w) for c, w in zip(r[:3], widths, strict=True))
-            lines.append("  " + "  ".join(cells) + "  " + r[3])
-        return "\n".join(lines)
+        return format_pairs(head, self.pair_reports)
+
+
+def format_pairs(head: str, pair_reports: Sequence[PairReport]) -> str:
+    """``head``, then one aligned row per pair: where, kind, status and reason."""
+    if not pair_reports:
+        return head
+    rows = [("conv", "bn", "kind", "status")] + [
+        (p.conv, p.bn, p.kind, p.status + (f": {p.reason}" if p.reason else ""))
+        for p in pair_reports
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [head]
+    for r in rows:
+        cells = (c.ljust(w) for c, w in zip(r[:3], widths, strict=True))
+        lines.append("  " + "  ".join(cells) + "  " + r[3])
+    return "\n".join(lines)
 
 
 def _layer_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:

@@ -37,6 +37,7 @@ from ._report import (
     OTHER_USERS,
     SKIPPED,
     PairReport,
+    format_pairs,
 )
 
 __all__ = ["FuseError", "FuseReport", "fuse", "fuse_report"]
@@ -107,18 +108,7 @@ class FuseReport:
 
     def __str__(self) -> str:
         head = f"inductor_convbn.fx: folded {self.folded} of {self.pairs} conv->bn pairs"
-        if not self.pair_reports:
-            return head
-        rows = [("conv", "bn", "kind", "status")] + [
-            (p.conv, p.bn, p.kind, p.status + (f": {p.reason}" if p.reason else ""))
-            for p in self.pair_reports
-        ]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = [head]
-        for r in rows:
-            cells = (c.ljust(w) for c, w in zip(r[:3], widths, strict=True))
-            lines.append("  " + "  ".join(cells) + "  " + r[3])
-        return "\n".join(lines)
+        return format_pairs(head, self.pair_reports)
 
 
 def fuse(model: nn.Module, *example_inputs: Any) -> torch.fx.GraphModule:
