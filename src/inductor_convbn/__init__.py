@@ -2,6 +2,8 @@
 
 Call ``install()`` before compiling; ``verify()`` shows what was folded. Without
 compiling, ``inductor_convbn.fx.fuse()`` folds at module level through ``torch.fx``.
+For training, ``memory_efficient()`` swaps each conv -> BatchNorm pair for a fused layer
+that keeps one activation less for backward.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -10,6 +12,14 @@ from . import fx
 from ._fold import fold_conv_bn_weights
 from ._pass import ConvBnFoldPass, install, installed, is_installed, uninstall
 from ._report import FoldReport, PairReport, verify
+from .training import (
+    FusedConvBatchNorm1d,
+    FusedConvBatchNorm2d,
+    FusedConvBatchNorm3d,
+    MemoryEfficientReport,
+    memory_efficient,
+    memory_efficient_report,
+)
 
 try:
     __version__ = version("inductor_convbn")
@@ -19,6 +29,10 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "ConvBnFoldPass",
     "FoldReport",
+    "FusedConvBatchNorm1d",
+    "FusedConvBatchNorm2d",
+    "FusedConvBatchNorm3d",
+    "MemoryEfficientReport",
     "PairReport",
     "__version__",
     "fold_conv_bn_weights",
@@ -26,6 +40,8 @@ __all__ = [
     "install",
     "installed",
     "is_installed",
+    "memory_efficient",
+    "memory_efficient_report",
     "uninstall",
     "verify",
 ]

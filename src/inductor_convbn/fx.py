@@ -173,6 +173,10 @@ class _ModulePathTracer(torch.fx.Tracer):
         super().__init__()
         self.failed_in: str | None = None
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # A fused training layer (inductor_convbn.training) is one step of the graph.
+        return getattr(m, "_fx_leaf", False) or super().is_leaf_module(m, module_qualified_name)
+
     def call_module(
         self,
         m: nn.Module,
@@ -192,7 +196,11 @@ class _ModulePathTracer(torch.fx.Tracer):
             raise
 
 
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
+def _trace(
+    model: nn.Module,
+    caller: str = "fuse()",
+    alternative: str = "fold without tracing through torch.compile with inductor_convbn.install()",
+) -> torch.fx.GraphModule:
     tracer = _ModulePathTracer()
     try:
         graph = tracer.trace(model)
@@ -204,9 +212,8 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
             what = f"the forward of {type(model).__name__}"
         raise FuseError(
             f"torch.fx cannot trace {what}: {type(e).__name__}: {e}\n"
-            "fuse() changed nothing. Make that module traceable by torch.fx "
-            "(no Python control flow on tensor values), or fold without tracing through "
-            "torch.compile with inductor_convbn.install().",
+            f"{caller} changed nothing. Make that module traceable by torch.fx "
+            f"(no Python control flow on tensor values), or {alternative}.",
             module=where,
         ) from e
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)

@@ -1,0 +1,439 @@
+"""Training with less memory: a conv + BatchNorm that keeps only the conv input for backward.
+
+In training, a conv saves its input for backward and the BatchNorm after it saves its own
+input, the conv output. ``FusedConvBatchNorm2d`` saves the conv input and the per-channel
+batch statistics only, and recomputes the conv output in backward: one activation-sized
+buffer less per pair, for one more convolution per backward::
+
+    import inductor_convbn
+
+    model = inductor_convbn.memory_efficient(model)   # a converted copy
+    print(inductor_convbn.memory_efficient_report(model))
+
+It works in eager and under ``torch.compile``, with autocast, and in eval mode, where it runs
+the conv with the BN folded into its weight (differentiably: gradients still reach the conv
+and the BN's affine parameters).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import Counter
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from ._fold import fold_conv_bn_weights
+from ._report import OTHER_USERS, SKIPPED, PairReport, format_pairs
+
+__all__ = [
+    "FusedConvBatchNorm1d",
+    "FusedConvBatchNorm2d",
+    "FusedConvBatchNorm3d",
+    "MemoryEfficientReport",
+    "memory_efficient",
+    "memory_efficient_report",
+]
+
+
+class _ConvBatchNormFunction(torch.autograd.Function):
+    """``batch_norm(conv(x))`` in training mode, saving ``x`` rather than ``conv(x)``.
+
+    Returns the normalised output and the batch mean and inverse standard deviation (not
+    differentiable), from which the caller updates the running statistics.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bn_weight: torch.Tensor | None,
+        bn_bias: torch.Tensor | None,
+        eps: float,
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        conv_args = (stride, padding, dilation, False, [0] * len(stride), groups)
+        y = torch.convolution(x, weight, bias, *conv_args)
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            y, bn_weight, bn_bias, None, None, True, 0.0, eps
+        )
+        ctx.save_for_backward(x, weight, bias, bn_weight, mean, invstd)
+        ctx.conv_args = conv_args
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: torch.Tensor, _grad_mean: Any, _grad_invstd: Any
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias, bn_weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b, need_gamma, need_beta = ctx.needs_input_grad[:5]
+        need_conv = need_x or need_w or need_b
+        # The conv output, recomputed: this is the buffer the forward did not keep.
+        y = torch.convolution(x, weight, bias, *ctx.conv_args)
+        grad_y, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad_out, y, bn_weight, None, None, mean, invstd, True, ctx.eps,
+            [need_conv, need_gamma, need_beta],
+        )  # fmt: skip
+        del y
+        grad_x = grad_w = grad_b = None
+        if need_conv:
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_y, x, weight, None if bias is None else [bias.shape[0]], *ctx.conv_args,
+                [need_x, need_w, need_b],
+            )  # fmt: skip
+        return grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, None, None, None
+
+
+def _conv_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
+    """The conv's padding as numbers per side, or ValueError when it is not symmetric."""
+    if conv.padding_mode != "zeros":
+        return [0] * len(conv.kernel_size)  # the input is padded before the conv
+    if conv.padding == "valid":
+        return [0] * len(conv.kernel_size)
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(t % 2 for t in totals):
+            raise ValueError(
+                "padding='same' with an even kernel pads one side more than the other, "
+                "which torch.convolution cannot express"
+            )
+        return [t // 2 for t in totals]
+    return list(cast("tuple[int, ...]", conv.padding))
+
+
+class _FusedConvBatchNormNd(nn.Module):
+    _fx_leaf = True  # torch.fx traces it as one call_module
+    _conv_type: type[nn.modules.conv._ConvNd]
+    _bn_type: type[nn.modules.batchnorm._BatchNorm]
+
+    conv: nn.modules.conv._ConvNd
+    bn: nn.modules.batchnorm._BatchNorm
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: str | int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        conv_type = cast(Any, self._conv_type)
+        self.conv = conv_type(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        bn_type = cast(Any, self._bn_type)
+        self.bn = bn_type(
+            out_channels, eps=eps, momentum=momentum, affine=affine,
+            track_running_stats=track_running_stats, device=device, dtype=dtype,
+        )  # fmt: skip
+        self._padding = _conv_padding(self.conv)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Module, bn: nn.Module) -> _FusedConvBatchNormNd:
+        """The fused layer computing ``bn(conv(x))``, sharing ``conv`` and ``bn`` (no copy).
+
+        Its ``state_dict`` is the pair's, under ``conv.`` and ``bn.``: a checkpoint of the
+        pair loads into it, and ``to_modules()`` gives the pair back.
+        """
+        if type(conv) is not cls._conv_type or type(bn) is not cls._bn_type:
+            raise TypeError(
+                f"{cls.__name__}.from_modules() takes an {cls._conv_type.__name__} and a "
+                f"{cls._bn_type.__name__}, got {type(conv).__name__} and {type(bn).__name__}"
+            )
+        conv_nd = cast(nn.modules.conv._ConvNd, conv)
+        bn_nd = cast(nn.modules.batchnorm._BatchNorm, bn)
+        if bn_nd.num_features != conv_nd.out_channels:
+            raise ValueError(
+                f"the BN has {bn_nd.num_features} features, the conv {conv_nd.out_channels} "
+                "output channels"
+            )
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.conv = conv_nd
+        fused.bn = bn_nd
+        fused._padding = _conv_padding(conv_nd)
+        fused.train(conv_nd.training)
+        fused.bn.train(bn_nd.training)  # a frozen (eval) BN stays frozen
+        return fused
+
+    def to_modules(self) -> tuple[nn.Module, nn.Module]:
+        """The plain ``(conv, bn)`` pair this layer computes, sharing its parameters."""
+        return self.conv, self.bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        if conv.padding_mode != "zeros":
+            x = nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        use_batch_stats = bn.training or bn.running_mean is None
+        if not use_batch_stats:
+            return self._folded_forward(x)
+        weight, bias = conv.weight, conv.bias
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # What autocast does to a conv; the BN then runs on the conv's output dtype.
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            out, mean, invstd = _ConvBatchNormFunction.apply(
+                x, weight, bias, bn.weight, bn.bias, bn.eps,
+                list(conv.stride), self._padding, list(conv.dilation), conv.groups,
+            )  # fmt: skip
+        if bn.training and bn.running_mean is not None:
+            self._update_running_stats(out, mean, invstd)
+        return out
+
+    def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode: the conv with the BN folded into its weight, still differentiable."""
+        conv, bn = self.conv, self.bn
+        assert bn.running_mean is not None and bn.running_var is not None
+        weight, bias = fold_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+            bn.bias, groups=conv.groups,
+        )  # fmt: skip
+        return torch.convolution(
+            x, weight, bias, list(conv.stride), self._padding, list(conv.dilation), False,
+            [0] * len(conv.stride), conv.groups,
+        )  # fmt: skip
+
+    def _update_running_stats(
+        self, out: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor
+    ) -> None:
+        """What ``nn.BatchNorm`` does in training: unbiased variance, momentum or average."""
+        bn = self.bn
+        assert bn.running_mean is not None and bn.running_var is not None
+        count = out.numel() // out.shape[1]
+        running_mean, running_var = bn.running_mean, bn.running_var
+        factor: float | torch.Tensor = 0.0 if bn.momentum is None else bn.momentum
+        with torch.no_grad():
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                if bn.momentum is None:  # a cumulative moving average
+                    # A tensor, not float(): torch.compile keeps it in the graph.
+                    factor = 1.0 / bn.num_batches_tracked.to(running_mean.dtype)
+            # invstd = 1 / sqrt(var + eps), in float32 at least (the kernel's accumulation type).
+            var = (invstd.pow(-2) - bn.eps) * (count / (count - 1))
+            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
+            running_var.mul_(1 - factor).add_(var.to(running_var.dtype) * factor)
+
+    def extra_repr(self) -> str:
+        return "saves the conv input only; recomputes the conv in backward"
+
+
+class FusedConvBatchNorm1d(_FusedConvBatchNormNd):
+    """``nn.BatchNorm1d(nn.Conv1d(x))``, keeping only the conv input for backward.
+
+    Takes the arguments of ``nn.Conv1d`` then those of ``nn.BatchNorm1d``; see
+    ``FusedConvBatchNorm2d``.
+    """
+
+    _conv_type = nn.Conv1d
+    _bn_type = nn.BatchNorm1d
+
+
+class FusedConvBatchNorm2d(_FusedConvBatchNormNd):
+    """``nn.BatchNorm2d(nn.Conv2d(x))``, keeping only the conv input for backward.
+
+    Takes the arguments of ``nn.Conv2d`` then those of ``nn.BatchNorm2d``, and behaves as
+    that pair does: training mode normalises with the batch statistics and updates the
+    running ones (unbiased variance; ``momentum=None`` for a cumulative average;
+    ``num_batches_tracked``), eval mode uses the running ones. The conv output is not saved
+    for backward but recomputed, so training keeps one activation-sized buffer less.
+    The pair lives on as ``.conv`` and ``.bn``; ``from_modules()`` / ``to_modules()``
+    convert from and to it.
+    """
+
+    _conv_type = nn.Conv2d
+    _bn_type = nn.BatchNorm2d
+
+
+class FusedConvBatchNorm3d(_FusedConvBatchNormNd):
+    """``nn.BatchNorm3d(nn.Conv3d(x))``, keeping only the conv input for backward.
+
+    Takes the arguments of ``nn.Conv3d`` then those of ``nn.BatchNorm3d``; see
+    ``FusedConvBatchNorm2d``.
+    """
+
+    _conv_type = nn.Conv3d
+    _bn_type = nn.BatchNorm3d
+
+
+_FUSED_TYPES: dict[type, type[_FusedConvBatchNormNd]] = {
+    t._conv_type: t for t in (FusedConvBatchNorm1d, FusedConvBatchNorm2d, FusedConvBatchNorm3d)
+}
+
+
+# Why memory_efficient() leaves a conv -> BN pair as it is.
+NOT_A_CONV = "the layer is not an nn.Conv1d/2d/3d: there is no fused training layer for it"
+BN_TYPE = "the BN is not the nn.BatchNorm of the conv's rank (SyncBatchNorm is not fused)"
+FUNCTIONAL_BN = "a functional batch_norm: only BatchNorm modules are swapped"
+BN_REUSED = "BN module is called more than once"
+FUSED = "fused"
+
+
+@dataclasses.dataclass
+class MemoryEfficientReport:
+    """What ``memory_efficient()`` found: each conv -> BN pair, fused or why not."""
+
+    pair_reports: list[PairReport]
+
+    @property
+    def pairs(self) -> int:
+        return len(self.pair_reports)
+
+    @property
+    def fused(self) -> int:
+        return sum(p.status == FUSED for p in self.pair_reports)
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(conv, reason)`` for each pair left as it was."""
+        return [(p.conv, p.reason) for p in self.pair_reports if p.status != FUSED]
+
+    def __str__(self) -> str:
+        head = (
+            f"inductor_convbn.memory_efficient: fused {self.fused} of {self.pairs} conv->bn pairs"
+        )
+        return format_pairs(head, self.pair_reports)
+
+
+_REPORT_ATTRIBUTE = "_inductor_convbn_memory_efficient"
+
+
+class _OriginalStateDictKeys:
+    """State-dict hooks on the converted model that keep the original model's keys.
+
+    ``layer1.0.conv1.conv.weight`` is saved as ``layer1.0.conv1.weight`` and
+    ``layer1.0.conv1.bn.running_mean`` as ``layer1.0.bn1.running_mean``, and loaded back
+    from those names, so checkpoints move between the plain and the converted model.
+    A class rather than a closure, so that the converted model pickles.
+    """
+
+    def __init__(self) -> None:
+        self.to_original: dict[str, str] = {}  # converted key -> original key
+
+    def save(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        for converted, original in self.to_original.items():
+            if prefix + converted in state_dict:
+                state_dict[prefix + original] = state_dict.pop(prefix + converted)
+
+    def load(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        for converted, original in self.to_original.items():
+            if prefix + original in state_dict and prefix + converted not in state_dict:
+                state_dict[prefix + converted] = state_dict.pop(prefix + original)
+
+
+def memory_efficient(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Swap each conv -> BatchNorm pair of ``model`` for a ``FusedConvBatchNorm{1,2,3}d``.
+
+    Pairs are found by dataflow (a ``torch.fx`` trace of the model): a conv module whose
+    only user is a BatchNorm module of the same rank, each called once, with no hooks.
+    The fused layer takes the conv's place and an ``nn.Identity`` the BN's; both modules
+    live on inside it, so the parameters are the same tensors, and the model's
+    ``state_dict`` keeps its original keys. ``memory_efficient_report(model)`` lists every
+    pair and why any was left as it was.
+
+    Works on a deep copy unless ``inplace``; the model's class and forward are kept.
+    Raises ``inductor_convbn.fx.FuseError`` when ``torch.fx`` cannot trace the model.
+    """
+    from . import fx  # fx's tracer and pair finder; fx does not import this module
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"memory_efficient() takes an nn.Module, got {type(model).__name__}")
+    target = model if inplace else copy.deepcopy(model)
+    gm = fx._trace(
+        target,
+        caller="memory_efficient()",
+        alternative="build the layers with FusedConvBatchNorm2d.from_modules(conv, bn)",
+    )
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    keys = target.__dict__.get("_inductor_convbn_keys")
+    if keys is None:
+        keys = _OriginalStateDictKeys()
+        target.__dict__["_inductor_convbn_keys"] = keys
+        target._register_state_dict_hook(keys.save)
+        target._register_load_state_dict_pre_hook(keys.load)
+    reports = []
+    for node in gm.graph.nodes:
+        pair = fx._pair_ending_at(gm, node)
+        if pair is None:
+            continue
+        reason = _reason_not_to_swap(gm, pair, calls)
+        reports.append(
+            PairReport(pair.conv, pair.bn_name, pair.kind, SKIPPED if reason else FUSED, reason)
+        )
+        if not reason:
+            _swap(target, pair.conv, pair.bn_name, keys)
+    report = MemoryEfficientReport(reports)
+    target.__dict__[_REPORT_ATTRIBUTE] = report
+    return target
+
+
+def memory_efficient_report(model: nn.Module) -> MemoryEfficientReport:
+    """The report of the ``memory_efficient()`` call that converted ``model``."""
+    report = getattr(model, "__dict__", {}).get(_REPORT_ATTRIBUTE)
+    if not isinstance(report, MemoryEfficientReport):
+        raise ValueError("this module was not converted by inductor_convbn.memory_efficient()")
+    return report
+
+
+def _reason_not_to_swap(gm: torch.fx.GraphModule, pair: Any, calls: Counter[Any]) -> str:
+    """Why the pair keeps its two modules; empty when it gets a fused layer."""
+    from . import fx
+
+    if pair.bn_module is None:
+        return FUNCTIONAL_BN
+    conv = cast(nn.modules.conv._ConvNd, gm.get_submodule(pair.conv))
+    fused_type = _FUSED_TYPES.get(type(conv))
+    if fused_type is None:
+        return NOT_A_CONV
+    if type(pair.bn_module) is not fused_type._bn_type:
+        return BN_TYPE
+    if len(pair.layer.users) > 1:
+        return OTHER_USERS
+    if calls[pair.layer.target] > 1:
+        return fx.CONV_REUSED
+    if calls[pair.bn.target] > 1:
+        return BN_REUSED
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (conv, pair.bn_module)):
+        return fx.HAS_HOOKS
+    if pair.bn_module.num_features != conv.out_channels:
+        return f"BN has {pair.bn_module.num_features} features, the conv has {conv.out_channels}"
+    try:
+        _conv_padding(conv)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def _swap(model: nn.Module, conv_path: str, bn_path: str, keys: _OriginalStateDictKeys) -> None:
+    conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
+    fused = _FUSED_TYPES[type(conv)].from_modules(conv, bn)
+    for path, new in ((conv_path, fused), (bn_path, nn.Identity())):
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, new)
+    for child, path in (("conv", conv_path), ("bn", bn_path)):
+        for key in getattr(fused, child).state_dict(keep_vars=True):
+            keys.to_original[f"{conv_path}.{child}.{key}"] = f"{path}.{key}"
