@@ -201,6 +201,11 @@ class _FusedConvBatchNormNd(nn.Module):
                 x, weight, bias, bn.weight, bn.bias, bn.eps,
                 list(conv.stride), self._padding, list(conv.dilation), conv.groups,
             )  # fmt: skip
+        if bn.training and out.numel() // out.shape[1] <= 1:
+            # What nn.BatchNorm says: one value per channel has no variance.
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {out.size()}"
+            )
         if bn.training and bn.running_mean is not None:
             self._update_running_stats(out, mean, invstd)
         return out
@@ -290,6 +295,7 @@ NOT_A_CONV = "the layer is not an nn.Conv1d/2d/3d: there is no fused training la
 BN_TYPE = "the BN is not the nn.BatchNorm of the conv's rank (SyncBatchNorm is not fused)"
 FUNCTIONAL_BN = "a functional batch_norm: only BatchNorm modules are swapped"
 BN_REUSED = "BN module is called more than once"
+TENSORS_READ = "the model reads the conv's or the BN's tensors elsewhere in forward"
 FUSED = "fused"
 
 
@@ -335,9 +341,11 @@ class _OriginalStateDictKeys:
         self.to_original: dict[str, str] = {}  # converted key -> original key
 
     def save(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-        for converted, original in self.to_original.items():
-            if prefix + converted in state_dict:
-                state_dict[prefix + original] = state_dict.pop(prefix + converted)
+        renamed = {prefix + c: prefix + o for c, o in self.to_original.items()}
+        items = list(state_dict.items())
+        state_dict.clear()  # refilled in the same order, so the keys keep their places
+        for key, value in items:
+            state_dict[renamed.get(key, key)] = value
 
     def load(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
         for converted, original in self.to_original.items():
@@ -419,6 +427,9 @@ def _reason_not_to_swap(gm: torch.fx.GraphModule, pair: Any, calls: Counter[Any]
         return BN_REUSED
     if any(m._forward_hooks or m._forward_pre_hooks for m in (conv, pair.bn_module)):
         return fx.HAS_HOOKS
+    owners = (f"{pair.conv}.", f"{pair.bn.target}.")
+    if any(n.op == "get_attr" and str(n.target).startswith(owners) for n in gm.graph.nodes):
+        return TENSORS_READ  # swapping the modules would move those tensors
     if pair.bn_module.num_features != conv.out_channels:
         return f"BN has {pair.bn_module.num_features} features, the conv has {conv.out_channels}"
     try:

@@ -1,0 +1,397 @@
+"""The training-side fused conv + BatchNorm and ``memory_efficient()``.
+
+Every check runs the fused model against the plain conv + BN pair it replaces.
+"""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import inductor_convbn
+from inductor_convbn import fx, training
+from inductor_convbn.testing import randomize_batch_norm
+
+CONVS = {
+    1: (nn.Conv1d, nn.BatchNorm1d),
+    2: (nn.Conv2d, nn.BatchNorm2d),
+    3: (nn.Conv3d, nn.BatchNorm3d),
+}
+SPATIAL = {1: (11,), 2: (9, 7), 3: (5, 6, 4)}
+
+
+def _pair_model(rank=2, dtype=torch.float64, seed=0, conv_kwargs=None, bn_kwargs=None):
+    """conv -> BN -> ReLU -> conv -> BN, with random BN state."""
+    conv, bn = CONVS[rank]
+    torch.manual_seed(seed)
+    conv_kwargs = {"padding": 1, **(conv_kwargs or {})}
+    model = nn.Sequential(
+        conv(4, 6, 3, **conv_kwargs),
+        bn(6, **(bn_kwargs or {})),
+        nn.ReLU(),
+        conv(6, 4, 1, bias=False),
+        bn(4),
+    ).to(dtype)
+    return randomize_batch_norm(model, seed)
+
+
+def _input(rank=2, dtype=torch.float64, batch=3, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, *SPATIAL[rank], generator=generator, dtype=dtype)
+
+
+def _grads(model, x):
+    x = x.detach().requires_grad_()
+    out = model(x)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return out, torch.autograd.grad(loss, [x, *params])
+
+
+def _assert_same_training(reference, fused, x, steps=3, **tolerance):
+    """Outputs, gradients, parameters and running statistics agree over a few SGD steps."""
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    opt_fused = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        batch = x + 0.1 * step
+        for model, opt in ((reference, opt_ref), (fused, opt_fused)):
+            opt.zero_grad()
+            out = model(batch)
+            (out * out.detach().sign()).mean().backward()
+            opt.step()
+        torch.testing.assert_close(fused(batch), reference(batch), **tolerance)
+        torch.testing.assert_close(fused.state_dict(), reference.state_dict(), **tolerance)
+
+
+# -- the autograd function ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rank,stride,padding,dilation,groups,bias,affine",
+    [
+        (2, 1, 1, 1, 1, True, True),
+        (2, 2, 0, 1, 2, False, True),
+        (2, 1, 2, 2, 1, True, False),
+        (1, 2, 1, 1, 1, False, True),
+        (3, 1, 1, 1, 2, True, True),
+    ],
+)
+def test_gradcheck(rank, stride, padding, dilation, groups, bias, affine):
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    spatial = (5,) * rank
+    x, weight = randn(3, 4, *spatial), randn(6, 4 // groups, *(3,) * rank)
+    conv_bias = randn(6) if bias else None
+    gamma, beta = (randn(6), randn(6)) if affine else (None, None)
+    hyper = ([stride] * rank, [padding] * rank, [dilation] * rank, groups)
+
+    def fn(x, weight, conv_bias, gamma, beta):
+        return training._ConvBatchNormFunction.apply(
+            x, weight, conv_bias, gamma, beta, 1e-5, *hyper
+        )[0]
+
+    assert torch.autograd.gradcheck(fn, (x, weight, conv_bias, gamma, beta))
+
+
+def test_saves_one_activation_less_per_pair():
+    """Activation bytes saved for backward drop by the conv output's size, for each pair."""
+    reference = _pair_model(dtype=torch.float32)
+    fused = inductor_convbn.memory_efficient(reference)
+    x = _input(dtype=torch.float32, batch=8).requires_grad_()
+
+    def saved(model):
+        storages = {}
+
+        own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+        def pack(t):
+            # activations only: not the model's tensors, not the per-channel statistics
+            if t.dim() > 1 and t.untyped_storage().data_ptr() not in own:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(storages.values())
+
+    conv_outputs = []
+    hooks = [
+        m.register_forward_hook(
+            lambda m, a, out: conv_outputs.append(out.untyped_storage().nbytes())
+        )
+        for m in reference
+        if isinstance(m, nn.Conv2d)
+    ]
+    saved_reference = saved(reference)
+    for h in hooks:
+        h.remove()
+    assert len(conv_outputs) == inductor_convbn.memory_efficient_report(fused).fused == 2
+    assert saved_reference - saved(fused) == sum(conv_outputs)
+
+
+# -- the module -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize(
+    "conv_kwargs,bn_kwargs",
+    [
+        ({}, {}),
+        ({"stride": 2, "groups": 2, "bias": False}, {"momentum": None}),
+        ({"dilation": 2, "padding": 2}, {"affine": False, "eps": 1e-3}),
+        ({"padding_mode": "reflect"}, {"momentum": 0.3}),
+        ({"padding": "same"}, {"track_running_stats": False}),
+    ],
+)
+def test_trains_like_the_pair(rank, conv_kwargs, bn_kwargs):
+    reference = _pair_model(rank, conv_kwargs=conv_kwargs, bn_kwargs=bn_kwargs)
+    fused = inductor_convbn.memory_efficient(reference)
+    assert inductor_convbn.memory_efficient_report(fused).fused == 2
+    _assert_same_training(reference, fused, _input(rank))
+    # and in eval mode, where the BN is folded into the conv weight
+    reference.eval(), fused.eval()
+    out_ref, grads_ref = _grads(reference, _input(rank))
+    out_fused, grads_fused = _grads(fused, _input(rank))
+    torch.testing.assert_close(out_fused, out_ref)
+    for g_fused, g_ref in zip(grads_fused, grads_ref, strict=True):
+        torch.testing.assert_close(g_fused, g_ref)
+
+
+def test_frozen_bn_fine_tuning():
+    """BN layers in eval mode inside a training model: running stats stay, grads flow."""
+    reference = _pair_model()
+    fused = inductor_convbn.memory_efficient(reference)
+    for model in (reference, fused):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    stats = copy.deepcopy({k: v for k, v in reference.state_dict().items() if "running" in k})
+    _assert_same_training(reference, fused, _input())
+    after = {k: v for k, v in fused.state_dict().items() if "running" in k}
+    torch.testing.assert_close(after, stats)  # eval BNs do not update their statistics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_dtypes(dtype):
+    reference = _pair_model(dtype=dtype)
+    fused = inductor_convbn.memory_efficient(reference)
+    tolerance = (
+        {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    )
+    _assert_same_training(reference, fused, _input(dtype=dtype), steps=2, **tolerance)
+
+
+def test_autocast_matches_the_pair():
+    reference = _pair_model(dtype=torch.float32)
+    fused = inductor_convbn.memory_efficient(reference)
+    x = _input(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref, grads_ref = _grads(reference, x)
+        out_fused, grads_fused = _grads(fused, x)
+    assert out_fused.dtype == out_ref.dtype
+    torch.testing.assert_close(out_fused, out_ref, rtol=2e-2, atol=2e-2)
+    for g_fused, g_ref in zip(grads_fused, grads_ref, strict=True):
+        assert g_fused.dtype == g_ref.dtype
+        torch.testing.assert_close(g_fused, g_ref, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(fused.state_dict(), reference.state_dict(), rtol=1e-2, atol=1e-2)
+
+
+def test_compiles_without_graph_breaks():
+    reference = _pair_model(dtype=torch.float32, bn_kwargs={"momentum": None})
+    fused = inductor_convbn.memory_efficient(reference)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = _input(dtype=torch.float32)
+    for step in range(2):
+        out_ref, grads_ref = _grads(reference, x + step)
+        out_fused, grads_fused = _grads(compiled, x + step)
+        torch.testing.assert_close(out_fused, out_ref, rtol=1e-4, atol=1e-4)
+        for g_fused, g_ref in zip(grads_fused, grads_ref, strict=True):
+            torch.testing.assert_close(g_fused, g_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.state_dict(), reference.state_dict())
+
+
+def test_one_value_per_channel_is_an_error_in_training():
+    fused = inductor_convbn.FusedConvBatchNorm2d(4, 6, 3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused(torch.randn(1, 4, 3, 3))
+    fused.eval()
+    assert fused(torch.randn(1, 4, 3, 3)).shape == (1, 6, 1, 1)
+
+
+def test_constructor_takes_the_pair_arguments():
+    fused = inductor_convbn.FusedConvBatchNorm2d(
+        4, 6, 3, stride=2, padding=1, groups=2, bias=False, eps=1e-3, momentum=None, affine=False
+    )
+    assert (fused.conv.stride, fused.conv.groups, fused.conv.bias) == ((2, 2), 2, None)
+    assert (fused.bn.eps, fused.bn.momentum, fused.bn.weight) == (1e-3, None, None)
+    reference = nn.Sequential(copy.deepcopy(fused.conv), copy.deepcopy(fused.bn))
+    x = torch.randn(3, 4, 8, 8)
+    torch.testing.assert_close(fused(x), reference(x))
+
+
+def test_even_kernel_same_padding_is_refused():
+    with pytest.raises(ValueError, match="even kernel"):
+        inductor_convbn.FusedConvBatchNorm2d(4, 6, 2, padding="same")
+
+
+def test_from_modules_and_to_modules():
+    conv, bn = nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6)
+    fused = inductor_convbn.FusedConvBatchNorm2d.from_modules(conv, bn)
+    assert fused.to_modules() == (conv, bn)
+    assert fused.conv.weight is conv.weight  # shared, not copied
+    pair = nn.Sequential()
+    pair.add_module("conv", nn.Conv2d(4, 6, 3))
+    pair.add_module("bn", randomize_batch_norm(nn.BatchNorm2d(6)))
+    fused.load_state_dict(pair.state_dict())  # a checkpoint of the pair loads into it
+    torch.testing.assert_close(fused.state_dict(), pair.state_dict())
+    with pytest.raises(TypeError, match="takes an Conv2d and a BatchNorm2d"):
+        inductor_convbn.FusedConvBatchNorm2d.from_modules(nn.Conv1d(4, 6, 3), bn)
+    with pytest.raises(ValueError, match="the BN has 5 features"):
+        inductor_convbn.FusedConvBatchNorm2d.from_modules(conv, nn.BatchNorm2d(5))
+
+
+# -- memory_efficient() ---------------------------------------------------------------------
+
+
+def test_state_dict_keeps_the_original_keys():
+    torchvision = pytest.importorskip("torchvision")
+    plain = randomize_batch_norm(torchvision.models.resnet18())
+    converted = inductor_convbn.memory_efficient(plain)
+    torch.testing.assert_close(converted.state_dict(), plain.state_dict())
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    # checkpoints move both ways
+    other = randomize_batch_norm(torchvision.models.resnet18(), seed=3)
+    converted.load_state_dict(other.state_dict())
+    torch.testing.assert_close(converted.state_dict(), other.state_dict())
+    plain.load_state_dict(converted.state_dict())
+    torch.testing.assert_close(plain.state_dict(), other.state_dict())
+    # the whole converted model pickles, and a deep copy keeps the keys
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert list(loaded.state_dict()) == list(plain.state_dict())
+    assert list(copy.deepcopy(converted).state_dict()) == list(plain.state_dict())
+    assert pickle.loads(pickle.dumps(inductor_convbn.memory_efficient_report(converted)))
+
+
+def test_resnet18_every_pair_and_same_training():
+    torchvision = pytest.importorskip("torchvision")
+    plain = randomize_batch_norm(torchvision.models.resnet18(num_classes=10)).double()
+    converted = inductor_convbn.memory_efficient(plain)
+    report = inductor_convbn.memory_efficient_report(converted)
+    # every BatchNorm2d of ResNet18 follows a conv
+    assert (
+        report.fused == report.pairs == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    )
+    assert type(converted) is type(plain)
+    assert not any(isinstance(m, training._FusedConvBatchNormNd) for m in plain.modules())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _assert_same_training(plain, converted, x, steps=2)
+
+
+class _Hazards(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.reused = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.two_users = nn.Conv2d(4, 4, 1)
+        self.bn_c = nn.BatchNorm2d(4)
+        self.shared_bn_conv1, self.shared_bn_conv2 = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.shared_bn = nn.BatchNorm2d(4)
+        self.hooked = nn.Conv2d(4, 4, 1)
+        self.bn_d = nn.BatchNorm2d(4)
+        self.hooked.register_forward_hook(lambda m, a, out: out)
+        self.deconv = nn.ConvTranspose2d(4, 4, 1)
+        self.bn_e = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 4)
+        self.bn1d = nn.BatchNorm1d(4)
+        self.functional_conv = nn.Conv2d(4, 4, 1)
+        self.good = nn.Conv2d(4, 4, 1)
+        self.bn_good = nn.BatchNorm2d(4)
+        self.fine = nn.Conv2d(4, 4, 1)
+        self.bn_fine = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.bn_a(self.reused(x)) + self.bn_b(self.reused(x))
+        y = self.two_users(x)
+        x = self.bn_c(y) + y
+        x = self.shared_bn(self.shared_bn_conv1(x)) + self.shared_bn(self.shared_bn_conv2(x))
+        x = self.bn_d(self.hooked(x))
+        x = self.bn_e(self.deconv(x))
+        x = nn.functional.batch_norm(
+            self.functional_conv(x), self.bn_good.running_mean, self.bn_good.running_var
+        )
+        x = self.bn_good(self.good(x))
+        x = self.bn_fine(self.fine(x))
+        return x + self.bn1d(self.fc(x.mean((2, 3)))).unsqueeze(-1).unsqueeze(-1)
+
+
+def test_hazards_are_skipped_with_reasons():
+    model = randomize_batch_norm(_Hazards())
+    converted = inductor_convbn.memory_efficient(model)
+    reasons = dict(inductor_convbn.memory_efficient_report(converted).skipped)
+    assert reasons == {
+        "reused": fx.CONV_REUSED,
+        "two_users": training.OTHER_USERS,
+        "shared_bn_conv1": training.BN_REUSED,
+        "shared_bn_conv2": training.BN_REUSED,
+        "hooked": fx.HAS_HOOKS,
+        "deconv": training.NOT_A_CONV,
+        "functional_conv": training.FUNCTIONAL_BN,
+        "good": training.TENSORS_READ,
+        "fc": training.NOT_A_CONV,
+    }
+    assert [
+        p.conv
+        for p in inductor_convbn.memory_efficient_report(converted).pair_reports
+        if p.status == "fused"
+    ] == ["fine"]
+    x = torch.randn(3, 4, 5, 5)
+    _assert_same_training(model, converted, x, steps=2, rtol=1e-4, atol=1e-4)
+
+
+def test_sync_batch_norm_is_not_fused():
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4), nn.Conv1d(4, 4, 1))
+    model[2] = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm3d(4))  # BN of the wrong rank
+    report = inductor_convbn.memory_efficient_report(inductor_convbn.memory_efficient(model))
+    assert report.skipped == [("0", training.BN_TYPE), ("2.0", training.BN_TYPE)]
+
+
+def test_input_model_is_left_alone_unless_inplace():
+    model = _pair_model()
+    before = copy.deepcopy(model.state_dict())
+    converted = inductor_convbn.memory_efficient(model)
+    assert converted is not model and isinstance(model[0], nn.Conv2d)
+    torch.testing.assert_close(model.state_dict(), before)
+    same = inductor_convbn.memory_efficient(model, inplace=True)
+    assert same is model and isinstance(model[0], inductor_convbn.FusedConvBatchNorm2d)
+    # converting again finds no pairs left, and keeps the keys
+    again = inductor_convbn.memory_efficient(same)
+    assert inductor_convbn.memory_efficient_report(again).pairs == 0
+    assert list(again.state_dict()) == list(before)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="takes an nn.Module"):
+        inductor_convbn.memory_efficient("resnet18")
+    with pytest.raises(ValueError, match="not converted by"):
+        inductor_convbn.memory_efficient_report(nn.Conv2d(1, 1, 1))
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    with pytest.raises(fx.FuseError, match="memory_efficient\\(\\) changed nothing"):
+        inductor_convbn.memory_efficient(Untraceable())
