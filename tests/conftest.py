@@ -7,7 +7,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="induct
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from inductor_convbn import _compat, _pass  # noqa: E402
+from inductor_convbn import _compat, _pass, _registry  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -33,6 +33,7 @@ def _clean_global_state():
     torch.backends.cudnn.allow_tf32 = False
     _compat.dynamo_reset()
     _compat.counters.clear()
+    _registry.take_decisions()
     try:
         yield
     finally:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import _compat, _registry
+from . import _compat, _pregrad, _registry
 
 __all__ = ["ConvBnFoldPass", "install", "installed", "is_installed", "uninstall"]
 
@@ -19,18 +19,25 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The files whose content decides what the pass does; their hash is the pass's cache key.
 _SOURCE_FILES = tuple(
     os.path.join(_PACKAGE_DIR, name)
-    for name in ("_compat.py", "_fold.py", "_registry.py", "_pass.py")
+    for name in ("_compat.py", "_fold.py", "_registry.py", "_pregrad.py", "_pass.py")
 )
 
 
 # The Inductor config field each stage of the pass hooks into.
-_HOOKS = {"joint": "joint_custom_post_pass", "post_grad": "post_grad_custom_post_pass"}
+_HOOKS = {
+    "grad": "pre_grad_custom_pass",
+    "joint": "joint_custom_post_pass",
+    "post_grad": "post_grad_custom_post_pass",
+}
 
 
 class ConvBnFoldPass(_compat.CustomGraphPass):
     """Runs the pass that was installed before it (if any), then folds conv -> batch_norm.
 
-    One instance per stage: ``"joint"`` runs on the graph AOT autograd hands Inductor, before
+    One instance per stage: ``"grad"`` runs on dynamo's graph, before AOT autograd, and
+    folds pairs that gradients flow through, differentiably (``_pregrad``); it folds under
+    every policy, since there the fold also saves the memory of the conv output.
+    ``"joint"`` runs on the graph AOT autograd hands Inductor, before
     freezing turns parameters into constants, and folds only pairs whose parameters freezing
     will make constants, so their folded weights are computed once, at compile time.
     ``"post_grad"`` runs on the graph Inductor lowers, where a fold is recomputed on every
@@ -59,6 +66,9 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         for other in self._chained():
             other(graph)
+        if self.stage == "grad":
+            _pregrad.fold_for_grad(graph)
+            return
         if self.stage == "joint" and not _compat.frozen_parameters():
             return
         _registry.fold(graph, stage=self.stage, policy=self.policy)

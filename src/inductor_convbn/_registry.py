@@ -36,9 +36,10 @@ aten = torch.ops.aten
 #: become constants, computed once) and, without freezing, only pairs where folding every
 #: call costs less than the batch norm it removes. ``"always"`` folds every safe pair.
 POLICIES = ("auto", "always")
-#: Where the pass runs: ``"joint"`` before Inductor freezes parameters into constants (so
-#: the fold is constant-folded), ``"post_grad"`` on the graph Inductor lowers.
-STAGES = ("joint", "post_grad")
+#: Where the pass runs: ``"grad"`` on dynamo's graph before AOT autograd, in graphs that
+#: need gradients (``_pregrad``); ``"joint"`` before Inductor freezes parameters into
+#: constants (so the fold is constant-folded); ``"post_grad"`` on the graph Inductor lowers.
+STAGES = ("grad", "joint", "post_grad")
 
 
 @dataclasses.dataclass(frozen=True)

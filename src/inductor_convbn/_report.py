@@ -84,6 +84,9 @@ class FoldReport:
     fx_graph_cache_hits: int = 0
     policy: str = "auto"
     freezing: bool = False
+    # With verify(grad=True): the largest difference of a parameter gradient from eager's
+    # (``outputs_match`` covers the gradients too); None when gradients were not compared.
+    max_grad_error: float | None = None
 
     @property
     def pairs(self) -> int:
@@ -107,10 +110,13 @@ class FoldReport:
 
     def __str__(self) -> str:
         mode = f"policy={self.policy}" + (", freezing" if self.freezing else "")
+        errors = f"max abs error vs eager {self.max_abs_error:.3g}"
+        if self.max_grad_error is not None:
+            mode += ", with gradients"
+            errors += f", in gradients {self.max_grad_error:.3g}"
         head = (
             f"inductor_convbn ({mode}): folded {self.folded} of {self.pairs} conv->bn pairs; "
-            f"max abs error vs eager {self.max_abs_error:.3g} "
-            f"({'within' if self.outputs_match else 'OUTSIDE'} "
+            f"{errors} ({'within' if self.outputs_match else 'OUTSIDE'} "
             f"rtol={self.rtol:g}, atol={self.atol:g})"
         )
         if self.fx_graph_cache_hits:
@@ -233,7 +239,7 @@ def _max_abs_error(actual: Any, expected: Any) -> tuple[float, torch.dtype]:
     error, dtype = 0.0, torch.float32
     for a, e in zip(flat_actual, flat_expected, strict=True):
         if isinstance(e, torch.Tensor) and e.is_floating_point():
-            diff = (a.double() - e.double()).abs()
+            diff = (a.detach().double() - e.detach().double()).abs()
             diff = torch.where(torch.isnan(a) & torch.isnan(e), 0.0, diff)
             error = max(error, float(diff.max()) if diff.numel() else 0.0)
             dtype = e.dtype
@@ -293,12 +299,15 @@ def verify(
     dynamic: bool | None = None,
     policy: str = "auto",
     freezing: bool = False,
+    grad: bool = False,
 ) -> FoldReport:
     """Compile a copy of ``model`` with the plugin, run it, and report the folds.
 
     Runs under ``torch.no_grad()`` with TF32 off. ``model`` itself is left as it is.
     Tolerances default per output dtype (``DEFAULT_TOLERANCES``). ``policy`` is
-    ``install()``'s; ``freezing`` compiles with Inductor freezing on.
+    ``install()``'s; ``freezing`` compiles with Inductor freezing on. ``grad=True`` runs
+    with gradients instead (an eval model called without ``no_grad``, or frozen-BN
+    fine-tuning) and also compares the gradients of the parameters with eager's.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"verify() takes an nn.Module, got {type(model).__name__}")
@@ -308,14 +317,18 @@ def verify(
     candidate = copy.deepcopy(model)
     if policy not in _registry.POLICIES:
         raise ValueError(f"policy must be one of {_registry.POLICIES}, got {policy!r}")
+    if grad and freezing:
+        raise ValueError("freezing compiles for inference: verify() takes grad or freezing")
     _registry.take_decisions()
     before = _compat.counters["inductor"].copy()
-    with torch.no_grad(), _tf32_off():
+    grad_mode = torch.enable_grad() if grad else torch.no_grad()
+    with grad_mode, _tf32_off():
         expected = reference(*example_inputs)
         compiled, pairs = compile_variant(
             candidate, dynamic=dynamic, policy=policy, freezing=freezing
         )
         actual = compiled(*example_inputs)
+        grads = (_gradients(reference, expected), _gradients(candidate, actual)) if grad else None
     delta = _compat.counters["inductor"] - before
     decisions = _registry.take_decisions()
     error, dtype = _max_abs_error(actual, expected)
@@ -323,6 +336,10 @@ def verify(
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
 
+    grad_error = None
+    if grads is not None:
+        grad_error = _max_abs_error(grads[1], grads[0])[0]
+        actual, expected = (actual, grads[1]), (expected, grads[0])
     try:
         torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
         outputs_match = True
@@ -347,7 +364,28 @@ def verify(
         fx_graph_cache_hits=delta["fxgraph_cache_hit"],
         policy=policy,
         freezing=freezing,
+        max_grad_error=grad_error,
     )
+
+
+def _gradients(model: torch.nn.Module, output: Any) -> list[torch.Tensor | None]:
+    """The gradients of ``model``'s parameters for a fixed pseudo-random output gradient.
+
+    A random cotangent, not ``output.sum()``: BN's output sums to a constant per channel
+    in training mode, and a sum would hide an error in the normalisation.
+    """
+    generator = torch.Generator().manual_seed(0)
+    outputs = [
+        t for t in _compat.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad
+    ]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not outputs or not params:
+        raise ValueError("verify(grad=True): no output or no parameter requires grad")
+    cotangents = [
+        torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t) for t in outputs
+    ]
+    grads = torch.autograd.grad(outputs, params, cotangents, allow_unused=True)
+    return [None if g is None else g.detach() for g in grads]
 
 
 def _module_name(path: str, names: set[str]) -> str:

@@ -1,0 +1,185 @@
+"""The "grad" stage: eval BatchNorm folded inside compiled graphs that need gradients."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import inductor_convbn
+from inductor_convbn import _compat, _pregrad, _registry, verify
+from inductor_convbn.testing import randomize_batch_norm
+
+CONVS = {
+    "conv1d": (nn.Conv1d, nn.BatchNorm1d, (9,)),
+    "conv2d": (nn.Conv2d, nn.BatchNorm2d, (7, 6)),
+    "conv3d": (nn.Conv3d, nn.BatchNorm3d, (5, 4, 4)),
+    "conv_transpose2d": (nn.ConvTranspose2d, nn.BatchNorm2d, (5, 6)),
+}
+
+
+def _model(kind, bias=True, affine=True, dtype=torch.float32):
+    conv, bn, _ = CONVS[kind]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        conv(4, 6, 3, bias=bias, groups=2),
+        bn(6, affine=affine, eps=1e-3),
+        nn.ReLU(),
+        conv(6, 4, 1),
+        bn(4),
+    )
+    return randomize_batch_norm(model).to(dtype).eval()
+
+
+def _input(kind, dtype=torch.float32):
+    shape = CONVS[kind][2]
+    return torch.randn(3, 4, *shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "kind,bias,affine",
+    [
+        ("conv1d", True, False),
+        ("conv2d", True, True),
+        ("conv2d", False, False),
+        ("conv3d", False, True),
+        ("conv_transpose2d", True, True),
+    ],
+)
+def test_eval_model_with_grad_is_folded(kind, bias, affine):
+    model = _model(kind, bias, affine)
+    report = verify(model, _input(kind), grad=True)
+    assert report.outputs_match, report
+    assert report.max_grad_error is not None
+    assert report.folded == report.pairs == 2, report
+    assert {p.reason for p in report.pair_reports} == {_pregrad.FOLDED_FOR_GRAD}
+
+
+def test_linear_bn1d_with_grad():
+    torch.manual_seed(0)
+    model = randomize_batch_norm(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6))).eval()
+    report = verify(model, torch.randn(4, 5), grad=True)
+    assert report.outputs_match and report.folded == report.pairs == 1, report
+
+
+def test_bfloat16_with_grad():
+    model = _model("conv2d", dtype=torch.bfloat16)
+    report = verify(model, _input("conv2d", torch.bfloat16), grad=True)
+    assert report.outputs_match and report.folded == report.pairs == 2, report
+
+
+def _saved_activation_bytes(fn, x):
+    """Bytes of activation-shaped tensors saved for backward by one call of ``fn``."""
+    saved = {}
+
+    def pack(t):
+        if t.dim() == x.dim() and t.shape[0] == x.shape[0]:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(saved.values())
+
+
+def test_conv_outputs_are_no_longer_saved():
+    model = _model("conv2d")
+    x = _input("conv2d").requires_grad_()
+    plain = _saved_activation_bytes(torch.compile(copy.deepcopy(model)), x)
+    _compat.dynamo_reset()
+    with inductor_convbn.installed():
+        folded = _saved_activation_bytes(torch.compile(copy.deepcopy(model)), x)
+    # each pair's conv output, saved for its BN's backward, is gone
+    conv_outputs = []
+    for m in model:
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda m, a, out: conv_outputs.append(out.nbytes))
+    model(x)
+    assert plain - folded == sum(conv_outputs)
+
+
+def test_frozen_bn_fine_tuning_trains_like_eager():
+    reference = _model("conv2d").train()
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    model = copy.deepcopy(reference)
+    inductor_convbn.install()
+    compiled = torch.compile(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (reference, model)]
+    x = _input("conv2d")
+    for step in range(3):
+        for fn, opt in zip((reference, compiled), opts, strict=True):
+            opt.zero_grad()
+            out = fn(x + step)
+            (out * out.detach().sign()).mean().backward()
+            opt.step()
+    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 2
+    torch.testing.assert_close(model.state_dict(), reference.state_dict(), rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_affine_still_folds_when_the_input_needs_grad():
+    model = _model("conv2d")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = _input("conv2d").requires_grad_()
+    inductor_convbn.install()
+    out = torch.compile(model)(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    x_ref = x.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(model(x_ref).square().sum(), x_ref)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)
+    assert [d.reason for d in _registry.take_decisions()] == [_pregrad.FOLDED_FOR_GRAD] * 2
+
+
+def test_nothing_needs_grad_leaves_it_to_the_post_grad_stage():
+    model = _model("conv2d").requires_grad_(False)
+    report = verify(model, _input("conv2d"), policy="always")
+    assert report.folded == 2
+    assert {p.reason for p in report.pair_reports} == {_registry.FOLDED_PER_CALL}
+    # grad mode on, but no tensor needs a gradient: an inference graph
+    _compat.dynamo_reset()
+    inductor_convbn.install("always")
+    before = _compat.counters["inductor"]["inductor_convbn_folded"]
+    with torch.enable_grad():
+        torch.compile(model)(_input("conv2d"))
+    # counted by the post-grad stage (replayed on an FX graph cache hit), none by "grad"
+    assert _compat.counters["inductor"]["inductor_convbn_folded"] - before == 2
+    assert _pregrad.FOLDED_FOR_GRAD not in {d.reason for d in _registry.take_decisions()}
+
+
+class _Hazards(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv_b, self.bn_b = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.conv_c, self.bn_c = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv_a(x)
+        x = self.bn_a(y) + y  # conv output used twice
+        x = self.bn_b(self.conv_b(x))  # BN in training mode
+        return self.bn_c(self.conv_c(x)).relu_()  # in-place op after the BN
+
+
+def test_hazards_with_grad():
+    model = randomize_batch_norm(_Hazards()).eval()
+    model.bn_b.train()
+    report = verify(model, torch.randn(3, 4, 6, 6), grad=True)
+    assert report.outputs_match, report
+    assert dict(report.skipped) == {
+        "conv_a": "conv output has other users",
+        "conv_b": "BN is in training mode",
+    }
+    assert report.folded == 1
+
+
+def test_grad_and_freezing_together_is_an_error():
+    with pytest.raises(ValueError, match="grad or freezing"):
+        verify(_model("conv2d"), _input("conv2d"), grad=True, freezing=True)
+
+
+def test_grad_without_parameters_needing_grad_is_an_error():
+    model = _model("conv2d").requires_grad_(False)
+    with pytest.raises(ValueError, match="no output or no parameter requires grad"):
+        verify(model, _input("conv2d"), grad=True)
