@@ -92,20 +92,20 @@ def test_gradcheck(rank, stride, padding, dilation, groups, bias, affine):
     hyper = ([stride] * rank, [padding] * rank, [dilation] * rank, groups)
 
     def fn(x, weight, conv_bias, gamma, beta):
-        return training._ConvBatchNormFunction.apply(
-            x, weight, conv_bias, gamma, beta, 1e-5, *hyper
-        )[0]
+        return training._conv_bn_train(x, weight, conv_bias, gamma, beta, 1e-5, *hyper)[0]
 
     assert torch.autograd.gradcheck(fn, (x, weight, conv_bias, gamma, beta))
 
 
-def test_saves_one_activation_less_per_pair():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_saves_one_activation_less_per_pair(compiled):
     """Activation bytes saved for backward drop by the conv output's size, for each pair."""
     reference = _pair_model(dtype=torch.float32)
     fused = inductor_convbn.memory_efficient(reference)
     x = _input(dtype=torch.float32, batch=8).requires_grad_()
 
     def saved(model):
+        fn = torch.compile(model) if compiled else model
         storages = {}
 
         own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
@@ -117,7 +117,7 @@ def test_saves_one_activation_less_per_pair():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x)
+            fn(x)
         return sum(storages.values())
 
     conv_outputs = []
@@ -132,7 +132,11 @@ def test_saves_one_activation_less_per_pair():
     for h in hooks:
         h.remove()
     assert len(conv_outputs) == inductor_convbn.memory_efficient_report(fused).fused == 2
-    assert saved_reference - saved(fused) == sum(conv_outputs)
+    if compiled:
+        # Inductor's partitioner may save other intermediates of the unfused graph too
+        assert saved_reference - saved(fused) >= sum(conv_outputs)
+    else:
+        assert saved_reference - saved(fused) == sum(conv_outputs)
 
 
 # -- the module -------------------------------------------------------------------------------

@@ -1,0 +1,241 @@
+"""ResNet18 training steps: memory and step time, fused against unfused, timed interleaved.
+
+    pytest bench/test_training.py --device cuda --benchmark-json=OUT/training.json
+
+``test_training_memory``: BN in training mode; ``memory_efficient(model)`` against the plain
+model, in eager and under ``torch.compile``. ``test_frozen_bn``: the model trains with its BN
+layers in eval mode (frozen-BN fine-tuning); the plugin's "grad" stage against plain
+compile and against Inductor's own ``efficient_conv_bn_eval_fx_passes``.
+
+Every variant's first step is checked against the plain eager model (loss and gradients).
+On CUDA each variant's memory is measured alone after warm-up: what is allocated at the end
+of forward beyond the model and optimizer state (the activations saved for backward), and
+the peak of the whole step. Step times go to the JSON's ``extra_info`` as medians and as
+per-round ratios to the plain variant of the same mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import inductor_convbn
+from inductor_convbn import _compat, _report
+from inductor_convbn.testing import randomize_batch_norm
+
+torchvision = pytest.importorskip("torchvision")
+
+# (batch size, dtype: "float32", or "bfloat16" for bf16 autocast)
+CUDA_CONFIGS = [(64, "float32"), (64, "bfloat16"), (256, "float32"), (256, "bfloat16")]
+CUDA_FROZEN_CONFIGS = [(64, "float32"), (64, "bfloat16")]
+CPU_CONFIGS = [(8, "float32")]
+SMOKE_CONFIGS = [(4, "float32")]
+TRAINING_VARIANTS = ["eager", "eager+fused", "compile", "compile+fused"]
+FROZEN_VARIANTS = [
+    "eager", "eager+fused", "compile", "compile+plugin", "compile+efficient_conv_bn_eval",
+]  # fmt: skip
+# The plain variant each one is a ratio to.
+BASELINES = {"eager": "eager", "compile": "compile"}
+TOLERANCES = {"float32": (2e-3, 2e-3), "bfloat16": (1e-1, 1e-1)}
+
+
+def _configs(config, frozen: bool):
+    if config.getoption("--smoke"):
+        return SMOKE_CONFIGS
+    if config.getoption("--device") == "cuda":
+        return CUDA_FROZEN_CONFIGS if frozen else CUDA_CONFIGS
+    return CPU_CONFIGS
+
+
+def pytest_generate_tests(metafunc):
+    for name, frozen in (("training_config", False), ("frozen_config", True)):
+        if name in metafunc.fixturenames:
+            configs = _configs(metafunc.config, frozen)
+            ids = [f"{dtype}-b{batch}" for batch, dtype in configs]
+            metafunc.parametrize(name, configs, ids=ids)
+
+
+def _compile(model: nn.Module, *, plugin: bool = False, **config: Any) -> Callable[..., Any]:
+    """``torch.compile`` with the plugin or an Inductor config for this model's compiles only."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        plugin_cm = inductor_convbn.installed() if plugin else contextlib.nullcontext()
+        with plugin_cm, _compat.inductor_config.patch(config):
+            return _compat.compile_fx(gm, example_inputs)
+
+    return torch.compile(_report._fresh_callable(model), backend=backend)
+
+
+class _Trainer:
+    """One variant: a model copy, its optimizer, and a training step."""
+
+    def __init__(self, model: nn.Module, forward: Callable[..., Any], dtype: str) -> None:
+        self.model = model
+        self.forward = forward
+        self.autocast = dtype == "bfloat16"
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.memory: dict[str, float] = {}
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.autocast):
+            out = self.forward(x)
+        return nn.functional.cross_entropy(out.float(), target)
+
+    def step(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss(x, target).backward()
+        self.optimizer.step()
+
+    def measure_memory(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        """MiB beyond the model and optimizer state: at the end of forward, and at peak."""
+        if x.device.type != "cuda":
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = self.loss(x, target)
+        torch.cuda.synchronize()
+        after_forward = torch.cuda.memory_allocated() - base
+        loss.backward()
+        self.optimizer.step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        self.memory = {"after_forward_mib": after_forward / 2**20, "peak_mib": peak / 2**20}
+
+
+def _build(name: str, model: nn.Module, dtype: str) -> _Trainer:
+    mode, _, kind = name.partition("+")
+    model = copy.deepcopy(model)
+    if kind == "fused":
+        model = inductor_convbn.memory_efficient(model, inplace=True)
+    if mode == "eager":
+        return _Trainer(model, model, dtype)
+    if kind == "plugin":
+        return _Trainer(model, _compile(model, plugin=True), dtype)
+    if kind == "efficient_conv_bn_eval":
+        return _Trainer(model, _compile(model, efficient_conv_bn_eval_fx_passes=True), dtype)
+    return _Trainer(model, _compile(model), dtype)
+
+
+def _gradients(trainer: _Trainer, x: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss = trainer.loss(x, target)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    return [loss.detach(), *torch.autograd.grad(loss, params)]
+
+
+def _run(benchmark, request, config, names: list[str], frozen: bool) -> None:
+    device = request.config.getoption("--device")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    smoke = request.config.getoption("--smoke")
+    rounds = request.config.getoption("--rounds") or (1 if smoke else 7)
+    batch, dtype = config
+    size = 64 if smoke else 224
+    _compat.dynamo_reset()
+    torch.manual_seed(0)
+    model = randomize_batch_norm(torchvision.models.resnet18(num_classes=100)).to(device).train()
+    if frozen:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    target = torch.randint(0, 100, (batch,), generator=generator).to(device)
+
+    with _report._tf32_off():
+        trainers = {name: _build(name, model, dtype) for name in names}
+        rtol, atol = TOLERANCES[dtype]
+        expected = _gradients(trainers["eager"], x, target)
+        max_error = {}
+        for name, trainer in trainers.items():
+            # The first step compiles; every variant starts from the same weights.
+            actual = _gradients(trainer, x, target)
+            torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=name)
+            max_error[name] = max(float((a - e).abs().max()) for a, e in zip(actual, expected))
+        for trainer in trainers.values():
+            for _ in range(2):
+                trainer.step(x, target)
+            trainer.measure_memory(x, target)
+        per_step: dict[str, list[float]] = {n: [] for n in names}
+        steps = 1 if smoke else 5
+
+        def one_round():
+            done = len(per_step[names[0]])
+            order = names[done % len(names) :] + names[: done % len(names)]
+            for name in order:
+                trainer = trainers[name]
+                _sync(x.device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    trainer.step(x, target)
+                _sync(x.device)
+                per_step[name].append((time.perf_counter() - start) / steps)
+
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+
+    summary = {}
+    for name, times in per_step.items():
+        base = per_step[BASELINES[name.partition("+")[0]]]
+        ratios = [t / b for t, b in zip(times, base, strict=True)]
+        summary[name] = {
+            "median_s": statistics.median(times),
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            **trainers[name].memory,
+            "max_abs_error_first_step": max_error[name],
+        }
+    benchmark.extra_info.update(
+        {
+            "model": "resnet18",
+            "bn": "eval (frozen)" if frozen else "training",
+            "dtype": dtype if dtype == "float32" else "bfloat16 autocast",
+            "batch_size": batch,
+            "image_size": size,
+            "steps_per_round": steps,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "summary": summary,
+            "per_step_s": per_step,
+        }
+    )
+    _print_table(benchmark.extra_info)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _print_table(info: dict[str, Any]) -> None:
+    print(f"\nresnet18, BN {info['bn']}, {info['dtype']}, batch {info['batch_size']}:")
+    for name, s in info["summary"].items():
+        memory = (
+            f"  fwd {s['after_forward_mib']:8.1f} MiB  peak {s['peak_mib']:8.1f} MiB"
+            if "peak_mib" in s
+            else ""
+        )
+        print(
+            f"  {name:32s} {s['median_s'] * 1e3:8.2f} ms/step  ratio {s['ratio']:.3f} "
+            f"({s['ratio_min']:.2f}-{s['ratio_max']:.2f}){memory}"
+        )
+
+
+def test_training_memory(benchmark, request, training_config):
+    _run(benchmark, request, training_config, TRAINING_VARIANTS, frozen=False)
+
+
+def test_frozen_bn(benchmark, request, frozen_config):
+    _run(benchmark, request, frozen_config, FROZEN_VARIANTS, frozen=True)
