@@ -163,7 +163,9 @@ def _run(benchmark, request, config, names: list[str], frozen: bool) -> None:
             # The first step compiles; every variant starts from the same weights.
             actual = _gradients(trainer, x, target)
             torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=name)
-            max_error[name] = max(float((a - e).abs().max()) for a, e in zip(actual, expected))
+            max_error[name] = max(
+                float((a - e).abs().max()) for a, e in zip(actual, expected, strict=True)
+            )
         for trainer in trainers.values():
             for _ in range(2):
                 trainer.step(x, target)
@@ -187,7 +189,7 @@ def _run(benchmark, request, config, names: list[str], frozen: bool) -> None:
 
     summary = {}
     for name, times in per_step.items():
-        base = per_step[BASELINES[name.partition("+")[0]]]
+        base = per_step.get(BASELINES[name.partition("+")[0]], per_step["eager"])
         ratios = [t / b for t, b in zip(times, base, strict=True)]
         summary[name] = {
             "median_s": statistics.median(times),
@@ -233,9 +235,18 @@ def _print_table(info: dict[str, Any]) -> None:
         )
 
 
+# --smoke (CI, CPU): one compiled variant per test, to check the suite runs.
+SMOKE_VARIANTS = {
+    False: ["eager", "eager+fused", "compile+fused"],
+    True: ["eager", "compile+plugin"],
+}
+
+
 def test_training_memory(benchmark, request, training_config):
-    _run(benchmark, request, training_config, TRAINING_VARIANTS, frozen=False)
+    names = SMOKE_VARIANTS[False] if request.config.getoption("--smoke") else TRAINING_VARIANTS
+    _run(benchmark, request, training_config, names, frozen=False)
 
 
 def test_frozen_bn(benchmark, request, frozen_config):
-    _run(benchmark, request, frozen_config, FROZEN_VARIANTS, frozen=True)
+    names = SMOKE_VARIANTS[True] if request.config.getoption("--smoke") else FROZEN_VARIANTS
+    _run(benchmark, request, frozen_config, names, frozen=True)

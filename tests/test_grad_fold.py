@@ -183,3 +183,12 @@ def test_grad_without_parameters_needing_grad_is_an_error():
     model = _model("conv2d").requires_grad_(False)
     with pytest.raises(ValueError, match="no output or no parameter requires grad"):
         verify(model, _input("conv2d"), grad=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["conv2d", "conv_transpose2d"])
+def test_cuda(kind, dtype):
+    model = _model(kind, dtype=dtype).cuda()
+    report = verify(model, _input(kind, dtype).cuda(), grad=True)
+    assert report.outputs_match and report.folded == report.pairs == 2, report

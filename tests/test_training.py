@@ -177,6 +177,13 @@ def test_frozen_bn_fine_tuning():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
     stats = copy.deepcopy({k: v for k, v in reference.state_dict().items() if "running" in k})
+    # converting a model whose BN layers are already frozen keeps them frozen
+    converted = inductor_convbn.memory_efficient(reference)
+    assert [m.training for m in converted.modules() if isinstance(m, nn.BatchNorm2d)] == [
+        False,
+        False,
+    ]
+    assert converted[0].training
     _assert_same_training(reference, fused, _input())
     after = {k: v for k, v in fused.state_dict().items() if "running" in k}
     torch.testing.assert_close(after, stats)  # eval BNs do not update their statistics
@@ -399,3 +406,21 @@ def test_bad_input():
 
     with pytest.raises(fx.FuseError, match="memory_efficient\\(\\) changed nothing"):
         inductor_convbn.memory_efficient(Untraceable())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda(autocast, compiled):
+    reference = _pair_model(dtype=torch.float32).cuda()
+    fused = inductor_convbn.memory_efficient(reference)
+    x = _input(dtype=torch.float32, batch=8).cuda()
+    run = torch.compile(fused) if compiled else fused
+    tolerance = {"rtol": 5e-2, "atol": 5e-2} if autocast else {"rtol": 1e-4, "atol": 1e-4}
+    with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+        out_ref, grads_ref = _grads(reference, x)
+        out_fused, grads_fused = _grads(run, x)
+    torch.testing.assert_close(out_fused, out_ref, **tolerance)
+    for g_fused, g_ref in zip(grads_fused, grads_ref, strict=True):
+        torch.testing.assert_close(g_fused, g_ref, **tolerance)
+    torch.testing.assert_close(fused.state_dict(), reference.state_dict(), **tolerance)

@@ -217,9 +217,8 @@ class _FusedConvBatchNormNd(nn.Module):
         fused.conv = conv_nd
         fused.bn = bn_nd
         fused._padding = _conv_padding(conv_nd)
-        fused.train(conv_nd.training)
-        fused.bn.train(bn_nd.training)  # a frozen (eval) BN stays frozen
-        return fused
+        fused.training = conv_nd.training  # and each module keeps its own mode: a frozen
+        return fused  # (eval) BN in a training model stays frozen
 
     def to_modules(self) -> tuple[nn.Module, nn.Module]:
         """The plain ``(conv, bn)`` pair this layer computes, sharing its parameters."""
