@@ -46,7 +46,8 @@ def _input(rank=2, dtype=torch.float64, batch=3, seed=1):
 def _grads(model, x):
     x = x.detach().requires_grad_()
     out = model(x)
-    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device)
+    loss = (out * weights.view_as(out)).sum()
     params = [p for p in model.parameters() if p.requires_grad]
     return out, torch.autograd.grad(loss, [x, *params])
 
