@@ -93,7 +93,9 @@ def test_gradcheck(rank, stride, padding, dilation, groups, bias, affine):
     hyper = ([stride] * rank, [padding] * rank, [dilation] * rank, groups)
 
     def fn(x, weight, conv_bias, gamma, beta):
-        return training._conv_bn_train(x, weight, conv_bias, gamma, beta, 1e-5, *hyper)[0]
+        return training._ConvBatchNormTrain.apply(x, weight, conv_bias, gamma, beta, 1e-5, *hyper)[
+            0
+        ]
 
     assert torch.autograd.gradcheck(fn, (x, weight, conv_bias, gamma, beta))
 

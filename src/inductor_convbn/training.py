@@ -38,32 +38,52 @@ __all__ = [
 ]
 
 
-# The forward and backward of a training-mode pair, as two custom ops. Opaque to
-# torch.compile on purpose: traced as plain ops, AOT autograd would see the conv in forward
-# and its recomputation in backward as one expression, merge them, and save the conv output
-# after all.
+class _ConvBatchNormTrain(torch.autograd.Function):
+    """``batch_norm(conv(x))`` in training mode, saving ``x`` rather than ``conv(x)``.
 
+    Returns the normalised output, and the batch mean and inverse standard deviation (not
+    differentiable) from which the caller updates the running statistics. The forward is
+    plain aten ops, which torch.compile fuses with what follows (the BN's normalisation
+    with the ReLU after it). The backward is one custom op, opaque on purpose: traced as
+    plain ops, AOT autograd would see the conv in forward and its recomputation in
+    backward as one expression, merge them, and save the conv output after all.
+    """
 
-def _conv_bn_train_impl(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    bn_weight: torch.Tensor | None,
-    bn_bias: torch.Tensor | None,
-    eps: float,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``batch_norm(conv(x))`` in training mode: the output, batch mean and inverse std."""
-    y = torch.convolution(
-        x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
-    )
-    out, mean, invstd = torch.ops.aten.native_batch_norm(
-        y, bn_weight, bn_bias, None, None, True, 0.0, eps
-    )
-    return out, mean, invstd
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bn_weight: torch.Tensor | None,
+        bn_bias: torch.Tensor | None,
+        eps: float,
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y = torch.convolution(
+            x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
+        )
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            y, bn_weight, bn_bias, None, None, True, 0.0, eps
+        )
+        ctx.save_for_backward(x, weight, bias, bn_weight, mean, invstd)
+        ctx.hyper = (eps, stride, padding, dilation, groups)
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: torch.Tensor, _grad_mean: Any, _grad_invstd: Any
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias, bn_weight, mean, invstd = ctx.saved_tensors
+        mask = [bool(n) for n in ctx.needs_input_grad[:5]]
+        grads = _conv_bn_train_backward(
+            grad_out, x, weight, bias, bn_weight, mean, invstd, *ctx.hyper, mask
+        )
+        return (*(g if need else None for g, need in zip(grads, mask, strict=True)),) + (None,) * 5
 
 
 def _conv_bn_train_backward_impl(
@@ -103,37 +123,11 @@ def _conv_bn_train_backward_impl(
     return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
 
 
-_conv_bn_train = torch.library.custom_op(
-    "inductor_convbn::conv_bn_train", _conv_bn_train_impl, mutates_args=()
-)
 _conv_bn_train_backward = torch.library.custom_op(
     "inductor_convbn::conv_bn_train_backward", _conv_bn_train_backward_impl, mutates_args=()
 )
-# Each op's fake (meta) function is its own body: every aten op it calls has one.
-_conv_bn_train.register_fake(_conv_bn_train_impl)
+# The op's fake (meta) function is its own body: every aten op it calls has one.
 _conv_bn_train_backward.register_fake(_conv_bn_train_backward_impl)
-
-
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    x, weight, bias, bn_weight, _bn_bias, eps, stride, padding, dilation, groups = inputs
-    _out, mean, invstd = output
-    ctx.save_for_backward(x, weight, bias, bn_weight, mean, invstd)
-    ctx.hyper = (eps, stride, padding, dilation, groups)
-    ctx.mark_non_differentiable(mean, invstd)
-
-
-def _backward(
-    ctx: Any, grad_out: torch.Tensor, _grad_mean: Any, _grad_invstd: Any
-) -> tuple[torch.Tensor | None, ...]:
-    x, weight, bias, bn_weight, mean, invstd = ctx.saved_tensors
-    mask = [bool(n) for n in ctx.needs_input_grad[:5]]
-    grads = _conv_bn_train_backward(
-        grad_out, x, weight, bias, bn_weight, mean, invstd, *ctx.hyper, mask
-    )
-    return (*(g if need else None for g, need in zip(grads, mask, strict=True)),) + (None,) * 5
-
-
-_conv_bn_train.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _conv_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
@@ -239,7 +233,7 @@ class _FusedConvBatchNormNd(nn.Module):
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            out, mean, invstd = _conv_bn_train(
+            out, mean, invstd = _ConvBatchNormTrain.apply(
                 x, weight, bias, bn.weight, bn.bias, bn.eps,
                 list(conv.stride), self._padding, list(conv.dilation), conv.groups,
             )  # fmt: skip
