@@ -6,6 +6,8 @@ These tests check the fold itself, so they fold every safe pair (``policy="alway
 call or, under freezing, once; test_policy.py checks which pairs ``"auto"`` folds.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,16 +249,19 @@ def test_report_names_pairs_and_renders():
     assert "folded 1 of 1 conv->bn pairs" in text and "conv2d" in text
 
 
-def test_graph_that_needs_gradients_is_left_alone():
-    # Without no_grad the conv output is saved for backward: a second user, so no fold.
+def test_graph_that_needs_gradients_is_folded_differentiably():
+    # Without no_grad the grad stage folds before autograd; gradients match eager's.
     model = conv_bn(2)
+    reference = copy.deepcopy(model)
     x = _input(2)
     with inductor_convbn.installed("always"):
         out = torch.compile(model)(x)
-    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-4)
     out.sum().backward()
-    assert model[0].weight.grad is not None
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 0
+    reference(x).sum().backward()
+    for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-4)
+    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1
 
 
 def test_nothing_folded_without_install():
@@ -273,6 +278,7 @@ def test_verify_leaves_model_and_config_untouched():
     assert not inductor_convbn.is_installed()
     assert _compat.inductor_config.post_grad_custom_post_pass is None
     assert _compat.inductor_config.joint_custom_post_pass is None
+    assert _compat.inductor_config.pre_grad_custom_pass is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -124,7 +124,15 @@ def _conv_bn_train_backward_impl(
 
 
 _conv_bn_train_backward = torch.library.custom_op(
-    "inductor_convbn::conv_bn_train_backward", _conv_bn_train_backward_impl, mutates_args=()
+    "inductor_convbn::conv_bn_train_backward",
+    _conv_bn_train_backward_impl,
+    mutates_args=(),
+    # Written out: torch < 2.7 cannot infer a schema from `list[int]` or `Tensor | None`.
+    schema=(
+        "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, "
+        "Tensor mean, Tensor invstd, float eps, int[] stride, int[] padding, int[] dilation, "
+        "int groups, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
 )
 # The op's fake (meta) function is its own body: every aten op it calls has one.
 _conv_bn_train_backward.register_fake(_conv_bn_train_backward_impl)
