@@ -23,9 +23,13 @@ import torch.nn.functional as F
 from ._fold import fold_conv_bn_weights
 from ._registry import Decision, _record, describe_node, pass_time
 
-__all__ = ["FOLDED_FOR_GRAD", "fold_for_grad"]
+__all__ = ["FLOAT16_FOR_GRAD", "FOLDED_FOR_GRAD", "fold_for_grad"]
 
 FOLDED_FOR_GRAD = "into the weight, differentiably, in a graph that needs gradients"
+FLOAT16_FOR_GRAD = (
+    "float16 in a graph that needs gradients: the folded weight can overflow float16 where "
+    "conv and BN apart do not, and its values are not known when compiling"
+)
 
 _CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_PARAMS = (
@@ -115,6 +119,9 @@ def fold_for_grad(graph: torch.fx.Graph) -> int:
             continue  # no gradient goes through this pair: the post-grad stage sees it
         groups = conv.get("groups", 1)
         if not isinstance(groups, int):
+            continue
+        if getattr(_example(layer), "dtype", None) == torch.float16:  # also fp16 autocast
+            _record(Decision(describe_node(layer), False, FLOAT16_FOR_GRAD, unsafe=True))
             continue
         with graph.inserting_before(layer):
             folded = graph.call_function(
