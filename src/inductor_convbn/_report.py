@@ -233,8 +233,11 @@ def _max_abs_error(actual: Any, expected: Any) -> tuple[float, torch.dtype]:
     error, dtype = 0.0, torch.float32
     for a, e in zip(flat_actual, flat_expected, strict=True):
         if isinstance(e, torch.Tensor) and e.is_floating_point():
-            diff = (a.double() - e.double()).abs()
-            diff = torch.where(torch.isnan(a) & torch.isnan(e), 0.0, diff)
+            same = (a == e) | (torch.isnan(a) & torch.isnan(e))  # inf == inf included
+            diff = torch.where(same, 0.0, (a.double() - e.double()).abs())
+            # NaN against a number, or inf against -inf, is as far off as it gets (max()
+            # would skip a NaN).
+            diff = torch.nan_to_num(diff, nan=float("inf"), posinf=float("inf"))
             error = max(error, float(diff.max()) if diff.numel() else 0.0)
             dtype = e.dtype
     return error, dtype
@@ -396,7 +399,7 @@ def _attribute(
         elif unrecorded_unsafe > 0:
             unrecorded_unsafe -= 1
             reports.append(
-                PairReport(conv, bn, kind, SKIPPED, "fold not finite, from the FX graph cache")
+                PairReport(conv, bn, kind, SKIPPED, "unsafe to fold, from the FX graph cache")
             )
         else:
             reports.append(PairReport(conv, bn, kind, SKIPPED, NOT_MATCHED))
