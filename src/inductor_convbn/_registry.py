@@ -41,6 +41,16 @@ POLICIES = ("auto", "always")
 STAGES = ("joint", "post_grad")
 
 
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """A ``TypeError`` for a value that is not a string, a ``ValueError`` for another string."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a str, one of {choices}, got {type(value).__name__} {value!r}"
+        )
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Decision:
     """What the pass did with one matched pair."""

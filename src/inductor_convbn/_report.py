@@ -304,13 +304,19 @@ def verify(
     ``install()``'s; ``freezing`` compiles with Inductor freezing on.
     """
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"verify() takes an nn.Module, got {type(model).__name__}")
+        hint = (
+            " (for a torchvision model by name: inductor_convbn.testing.torchvision_model)"
+            if isinstance(model, str)
+            else ""
+        )
+        raise TypeError(f"verify() takes an nn.Module, got {type(model).__name__}{hint}")
     if not example_inputs:
         raise TypeError("verify() needs at least one example input")
+    _registry.check_choice("policy", policy, _registry.POLICIES)
+    if not isinstance(freezing, bool):
+        raise TypeError(f"freezing must be a bool, got {type(freezing).__name__} {freezing!r}")
     reference = model
     candidate = copy.deepcopy(model)
-    if policy not in _registry.POLICIES:
-        raise ValueError(f"policy must be one of {_registry.POLICIES}, got {policy!r}")
     _registry.take_decisions()
     before = _compat.counters["inductor"].copy()
     with torch.no_grad(), _tf32_off():
