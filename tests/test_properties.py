@@ -123,8 +123,10 @@ def cases(draw: st.DrawFn) -> Case:
         seed=draw(st.integers(0, 2**16)),
     )
     assume(case.output_size() >= 1)
-    # BN in training mode needs more than one value per channel.
-    assume(not case.bn_training or case.batch * case.output_size() ** rank > 1)
+    # Batch statistics (training mode, or no running statistics) need more than one value
+    # per channel.
+    batch_statistics = case.bn_training or not case.track_running_stats
+    assume(not batch_statistics or case.batch * case.output_size() ** rank > 1)
     return case
 
 
