@@ -4,6 +4,7 @@
     nox -s "tests-3.11(torch='2.6.0')"    # one release
     nox -s tests                          # every release, one after another
     nox -s lint docs
+    nox -s zoo                            # the slow sweeps (zoo, hypothesis): before a release
 
 Each non-default release downloads its torch (about 0.8 GB) and its CUDA libraries.
 Results: docs/support.md.
@@ -74,6 +75,23 @@ def tests(session: nox.Session, torch: str) -> None:
     )
     session.run("pytest", "-p", "no:logging", *session.posargs)
     session.run("python", "-m", "inductor_convbn", "resnet18", "--no-timing")
+
+
+@nox.session(python=PYTHON_VERSIONS[-1])
+def zoo(session: nox.Session) -> None:
+    """The slow sweeps, before each release: every torchvision model (docs/zoo.md), and the
+    property-based tests with hundreds of examples. Hours on two CPU cores."""
+    session.install(
+        f"torch==={DISK_TORCH}", f"torchvision==={TORCH_VERSIONS[DISK_TORCH]}", "-e", ".[test]"
+    )
+    session.env["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(
+        os.path.join(session.create_tmp(), "inductor")
+    )
+    session.run(
+        "pytest", "-p", "no:logging", "-m", "slow", "tests/test_zoo.py",
+        "--zoo-table", "docs/zoo.md", *session.posargs,
+    )  # fmt: skip
+    session.run("pytest", "-p", "no:logging", "-m", "slow", "tests/test_properties.py")
 
 
 @nox.session(python=PYTHON_VERSIONS[-1])

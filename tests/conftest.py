@@ -12,6 +12,14 @@ from inductor_convbn import _compat, _pass, _registry  # noqa: E402
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--zoo-table",
+        metavar="PATH",
+        help="write the model-zoo results of tests/test_zoo.py to PATH as Markdown",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -78,3 +78,20 @@ def test_fold_keeps_channels_last():
         conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps
     )
     assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fold_keeps_float64_precision():
+    # Folded in float32, a float64 layer would be off by ~1e-7 relative, which the plugin's
+    # float64 tolerance (1e-7) does not cover once the BN scale is above 1.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).double()
+    bn = randomize_batch_norm(nn.BatchNorm2d(4).double()).eval()
+    weight, bias = fold_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
+    assert weight.dtype == bias.dtype == torch.float64
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(weight, conv.weight * scale[:, None, None, None], rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        bias, (conv.bias - bn.running_mean) * scale + bn.bias, rtol=1e-14, atol=1e-15
+    )

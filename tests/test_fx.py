@@ -493,3 +493,34 @@ def test_torchvision_models_fold_every_pair(name):
 @pytest.mark.parametrize("name", _torchvision_names())
 def test_every_torchvision_classification_model(name):
     _check_torchvision(name)
+
+
+class PlainConvSubclass(nn.Conv3d):
+    """Like torchvision's video Conv3DSimple: a static method, the forward of Conv3d."""
+
+    @staticmethod
+    def stride_of_block():
+        return 1, 2, 2
+
+
+class ScaledConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_folds_a_conv_subclass_that_computes_as_its_base():
+    torch.manual_seed(0)
+    model = randomize_batch_norm(
+        nn.Sequential(PlainConvSubclass(4, 6, 3, padding=1), nn.BatchNorm3d(6))
+    ).eval()
+    fused = fx.fuse(model)
+    assert fx.fuse_report(fused).folded == 1 and not _conv_bn_left(fused)
+    assert_matches_eager(fused, model, _input(3))
+
+
+def test_leaves_a_conv_subclass_with_a_forward_of_its_own():
+    torch.manual_seed(0)
+    model = randomize_batch_norm(nn.Sequential(ScaledConv(4, 6, 3), nn.BatchNorm2d(6))).eval()
+    fused = fx.fuse(model)
+    assert fx.fuse_report(fused).pairs == 0
+    assert_matches_eager(fused, model, _input(2))

@@ -147,15 +147,24 @@ def test_folds_sync_batch_norm_in_eval():
 @pytest.mark.parametrize("rank", [1, 2])
 def test_folds_half_precision(device, dtype, rank):
     model = conv_bn(rank).to(device, dtype)
-    assert_folds(fold_and_verify(model, _input(rank).to(device, dtype)), 1)
+    report = fold_and_verify(model, _input(rank).to(device, dtype))
+    if dtype == torch.bfloat16:
+        assert_folds(report, 1)
+    else:
+        # Folded per call, a float16 weight could overflow; test_numerics.py shows one.
+        assert_folds(report, 1, folded=0)
+        assert report.skipped == [("0", _registry.FLOAT16_PER_CALL)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_folds_half_conv_with_float32_batch_norm(device):
+@pytest.mark.parametrize(
+    ("dtype", "freezing"), [(torch.bfloat16, False), (torch.float16, True)], ids=["bf16", "fp16"]
+)
+def test_folds_half_conv_with_float32_batch_norm(device, dtype, freezing):
     model = conv_bn(2).to(device)
-    model[0].half()
-    x = _input(2).to(device).half()
-    assert_folds(fold_and_verify(model, x), 1)
+    model[0].to(dtype)
+    x = _input(2).to(device, dtype)
+    assert_folds(fold_and_verify(model, x, freezing=freezing), 1)
 
 
 @pytest.mark.parametrize("device", DEVICES)

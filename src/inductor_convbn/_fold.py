@@ -6,9 +6,8 @@ An eval BatchNorm is an affine map per channel, so ``bn(conv(x)) == conv'(x)`` w
     w'    = w * scale      (over the output-channel axis of w)
     b'    = (b - running_mean) * scale + bn_bias      (b = 0 when the conv has no bias)
 
-The math runs in float32 (float64 for float64 weights) and the result is cast back to the conv
-weight's dtype, so fp16 and bf16 models lose no more precision than one rounding of the folded
-weight.
+The math runs in float32 (float64 for a float64 layer) and the result is cast back to the conv
+weight's dtype, so every model loses no more precision than one rounding of the folded weight.
 """
 
 from __future__ import annotations
@@ -36,12 +35,13 @@ def fold_conv_bn_weights(
     or ``(in, out / groups, *k)`` when ``transposed``; a linear weight ``(out, in)`` is the
     non-transposed case. Works on real, fake and traced tensors alike.
     """
-    math = torch.promote_types(conv_weight.dtype, torch.float32)
-    scale = torch.rsqrt(running_var.to(math) + eps)
+    # float32 at the least; a float64 layer folded in float32 would lose half its digits.
+    dtype = torch.promote_types(conv_weight.dtype, torch.float32)
+    scale = torch.rsqrt(running_var.to(dtype) + eps)
     if bn_weight is not None:
-        scale = scale * bn_weight.to(math)
+        scale = scale * bn_weight.to(dtype)
 
-    weight = conv_weight.to(math)
+    weight = conv_weight.to(dtype)
     kernel_dims = [1] * (weight.dim() - 2)
     if transposed:
         # Output channel g * (out / groups) + j of a transposed conv lives at
@@ -51,9 +51,9 @@ def fold_conv_bn_weights(
     else:
         weight = weight * scale.reshape(-1, *[1] * (weight.dim() - 1))
 
-    mean = running_mean.to(math)
-    bias = -mean if conv_bias is None else conv_bias.to(math) - mean
+    mean = running_mean.to(dtype)
+    bias = -mean if conv_bias is None else conv_bias.to(dtype) - mean
     bias = bias * scale
     if bn_bias is not None:
-        bias = bias + bn_bias.to(math)
+        bias = bias + bn_bias.to(dtype)
     return weight.to(conv_weight.dtype), bias.to(conv_weight.dtype)

@@ -48,10 +48,8 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
     """
 
     def __init__(self, previous: Any = None, *, stage: str = "post_grad", policy: str = "auto"):
-        if stage not in _registry.STAGES:
-            raise ValueError(f"stage must be one of {_registry.STAGES}, got {stage!r}")
-        if policy not in _registry.POLICIES:
-            raise ValueError(f"policy must be one of {_registry.POLICIES}, got {policy!r}")
+        _registry.check_choice("stage", stage, _registry.STAGES)
+        _registry.check_choice("policy", policy, _registry.POLICIES)
         self.previous = previous
         self.stage = stage
         self.policy = policy
@@ -108,8 +106,7 @@ def install(policy: str = "auto") -> None:
     (``_compat.CONFIG_IS_THREAD_LOCAL``), this applies to the calling thread: call it in
     the thread that compiles.
     """
-    if policy not in _registry.POLICIES:
-        raise ValueError(f"policy must be one of {_registry.POLICIES}, got {policy!r}")
+    _registry.check_choice("policy", policy, _registry.POLICIES)
     with _lock:
         for stage, field in _HOOKS.items():
             current = getattr(_compat.inductor_config, field)

@@ -42,6 +42,16 @@ POLICIES = ("auto", "always")
 STAGES = ("grad", "joint", "post_grad")
 
 
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """A ``TypeError`` for a value that is not a string, a ``ValueError`` for another string."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a str, one of {choices}, got {type(value).__name__} {value!r}"
+        )
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Decision:
     """What the pass did with one matched pair."""
@@ -312,6 +322,12 @@ def _check_policy(match: _compat.Match) -> bool:
             run.kept.add(layer)
             _record(Decision(describe_node(layer), False, reason, unsafe=True))
         return not reason
+    unsafe = _per_call_unsafe_reason(match, layer)
+    if unsafe is not None:
+        run.kept.add(layer)
+        if unsafe:  # "": the joint stage already said why
+            _record(Decision(describe_node(layer), False, unsafe, unsafe=True))
+        return False
     if run.policy != "auto":
         return True
     reason = per_call_cost_reason(layer, match.output_node())
@@ -323,6 +339,47 @@ def _check_policy(match: _compat.Match) -> bool:
 
 NOT_FINITE = "the folded weight or bias is not finite in {dtype}: folding would change results"
 STATS_NOT_FINITE = "the BN statistics or parameters are not finite"
+FLOAT16_PER_CALL = (
+    "float16 without freezing: the folded weight can overflow float16 where conv and BN "
+    "apart do not, and its values are not known when compiling (compile with freezing to "
+    "fold it once, checked)"
+)
+
+
+def _per_call_unsafe_reason(match: _compat.Match, layer: torch.fx.Node) -> str | None:
+    """Why a post-grad fold could change results: a reason, "" when the joint stage already
+    gave it, None when the fold is safe.
+
+    Under freezing the parameters are constants here, and the joint stage has checked their
+    fold; one it left unfolded is not folded per call either. Otherwise the values are only
+    known at run time, and a float16 fold can overflow (bfloat16 has float32's range).
+    """
+    constants: dict[torch.fx.Node, torch.Tensor] = {}
+    module = layer.graph.owning_module
+    for name in _FOLD_ARGS:
+        node = match.kwargs.get(name)
+        if isinstance(node, torch.fx.Node):
+            value = _constant(module, node)
+            if value is None:
+                constants = {}
+                break
+            constants[node] = value
+    if constants:
+        return "" if _not_finite_reason(match, layer, constants) else None
+    value = layer.meta.get("val")
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float16:
+        return FLOAT16_PER_CALL
+    return None
+
+
+def _constant(module: torch.nn.Module | None, node: torch.fx.Node) -> torch.Tensor | None:
+    """The value of a ``get_attr`` node (a constant of a frozen graph), else None."""
+    if module is None or node.op != "get_attr":
+        return None
+    value: Any = module
+    for atom in str(node.target).split("."):
+        value = getattr(value, atom, None)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _not_finite_reason(

@@ -239,8 +239,12 @@ def _max_abs_error(actual: Any, expected: Any) -> tuple[float, torch.dtype]:
     error, dtype = 0.0, torch.float32
     for a, e in zip(flat_actual, flat_expected, strict=True):
         if isinstance(e, torch.Tensor) and e.is_floating_point():
-            diff = (a.detach().double() - e.detach().double()).abs()
-            diff = torch.where(torch.isnan(a) & torch.isnan(e), 0.0, diff)
+            a, e = a.detach(), e.detach()
+            same = (a == e) | (torch.isnan(a) & torch.isnan(e))  # inf == inf included
+            diff = torch.where(same, 0.0, (a.double() - e.double()).abs())
+            # NaN against a number, or inf against -inf, is as far off as it gets (max()
+            # would skip a NaN).
+            diff = torch.nan_to_num(diff, nan=float("inf"), posinf=float("inf"))
             error = max(error, float(diff.max()) if diff.numel() else 0.0)
             dtype = e.dtype
     return error, dtype
@@ -311,15 +315,23 @@ def verify(
     relative to its largest element.
     """
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"verify() takes an nn.Module, got {type(model).__name__}")
+        hint = (
+            " (for a torchvision model by name: inductor_convbn.testing.torchvision_model)"
+            if isinstance(model, str)
+            else ""
+        )
+        raise TypeError(f"verify() takes an nn.Module, got {type(model).__name__}{hint}")
     if not example_inputs:
         raise TypeError("verify() needs at least one example input")
-    reference = model
-    candidate = copy.deepcopy(model)
-    if policy not in _registry.POLICIES:
-        raise ValueError(f"policy must be one of {_registry.POLICIES}, got {policy!r}")
+    _registry.check_choice("policy", policy, _registry.POLICIES)
+    if not isinstance(freezing, bool):
+        raise TypeError(f"freezing must be a bool, got {type(freezing).__name__} {freezing!r}")
+    if not isinstance(grad, bool):
+        raise TypeError(f"grad must be a bool, got {type(grad).__name__} {grad!r}")
     if grad and freezing:
         raise ValueError("freezing compiles for inference: verify() takes grad or freezing")
+    reference = model
+    candidate = copy.deepcopy(model)
     _registry.take_decisions()
     before = _compat.counters["inductor"].copy()
     grad_mode = torch.enable_grad() if grad else torch.no_grad()
@@ -441,7 +453,7 @@ def _attribute(
         elif unrecorded_unsafe > 0:
             unrecorded_unsafe -= 1
             reports.append(
-                PairReport(conv, bn, kind, SKIPPED, "fold not finite, from the FX graph cache")
+                PairReport(conv, bn, kind, SKIPPED, "unsafe to fold, from the FX graph cache")
             )
         else:
             reports.append(PairReport(conv, bn, kind, SKIPPED, NOT_MATCHED))

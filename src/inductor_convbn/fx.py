@@ -174,8 +174,14 @@ class _ModulePathTracer(torch.fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        # A fused training layer (inductor_convbn.training) is one step of the graph.
-        return getattr(m, "_fx_leaf", False) or super().is_leaf_module(m, module_qualified_name)
+        # A fused training layer (inductor_convbn.training) is one step of the graph, and so
+        # is a subclass of a layer class that computes as its base (_layer_kind), so that it
+        # stays one module call that can be folded.
+        return (
+            getattr(m, "_fx_leaf", False)
+            or _layer_kind(m) is not None
+            or super().is_leaf_module(m, module_qualified_name)
+        )
 
     def call_module(
         self,
@@ -280,13 +286,26 @@ def _pair_ending_at(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Pair | No
         return None
     if not isinstance(source, torch.fx.Node) or source.op != "call_module":
         return None  # not a module's output
-    kind = _LAYER_KINDS.get(type(gm.get_submodule(str(source.target))))
+    kind = _layer_kind(gm.get_submodule(str(source.target)))
     if kind is None:
-        return None  # not a layer we fold into (subclasses may change forward)
+        return None  # not a layer we fold into
     return _Pair(
         source, node, kind, str(source.target), bn_name, bn_module, **values,
         eps=eps, training=training, reason=reason,
     )  # fmt: skip
+
+
+def _layer_kind(module: nn.Module) -> str | None:
+    """The kind of a layer module the fold computes: one of the layer classes, or a subclass
+    that computes as it does (torchvision's video ``Conv3DSimple``, which adds only a static
+    method). A subclass with a forward of its own could compute anything."""
+    for cls, kind in _LAYER_KINDS.items():
+        if isinstance(module, cls) and all(
+            getattr(type(module), name, None) is getattr(cls, name, None)
+            for name in ("forward", "_conv_forward")
+        ):
+            return kind
+    return None
 
 
 def _batch_norm_arguments(node: torch.fx.Node) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""The public API under misuse: clear errors, and Inductor's config left as it was.
+
+test_pass.py has install/uninstall and one install per thread, test_plugin.py verify()
+without a module or an input, test_fx.py fuse() of a non-module, test_cli.py --device cuda
+without CUDA.
+"""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import inductor_convbn
+from inductor_convbn import ConvBnFoldPass, _compat, fx
+from inductor_convbn.testing import randomize_batch_norm
+
+HOOKS = ("joint_custom_post_pass", "post_grad_custom_post_pass")
+
+
+def _hooked():
+    return [getattr(_compat.inductor_config, field) for field in HOOKS]
+
+
+def _model():
+    torch.manual_seed(0)
+    return randomize_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+
+
+def _x():
+    return torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: inductor_convbn.install(policy=3), TypeError, "policy must be a str"),
+        (lambda: inductor_convbn.install(None), TypeError, "got NoneType None"),
+        (lambda: inductor_convbn.installed(["auto"]).__enter__(), TypeError, "must be a str"),
+        (lambda: ConvBnFoldPass(stage=1), TypeError, "stage must be a str"),
+        (lambda: inductor_convbn.verify("resnet18"), TypeError, "torchvision_model"),
+        (lambda: inductor_convbn.verify(_model(), _x(), policy=1), TypeError, "policy"),
+        (lambda: inductor_convbn.verify(_model(), _x(), freezing="no"), TypeError, "bool"),
+        (lambda: fx.fuse("resnet18"), TypeError, "nn.Module"),
+        (lambda: fx.fuse_report(_model()), ValueError, "not made by"),
+    ],
+    ids=[
+        "install-int", "install-none", "installed-list", "pass-stage", "verify-str",
+        "verify-policy", "verify-freezing", "fuse-str", "fuse-report-of-a-plain-model",
+    ],
+)  # fmt: skip
+def test_wrong_arguments_are_clear_errors_that_change_nothing(call, error, match):
+    before = _hooked()
+    with pytest.raises(error, match=match):
+        call()
+    assert _hooked() == before
+    assert not inductor_convbn.is_installed()
+
+
+class FailingPass(_compat.CustomGraphPass):
+    """Stands in for a compile that fails inside Inductor."""
+
+    def __call__(self, graph):
+        raise RuntimeError("this graph cannot be compiled")
+
+    def uuid(self):
+        return "failing"
+
+
+def test_a_failed_compile_propagates_and_leaves_the_config_as_it_was():
+    failing = FailingPass()
+    _compat.inductor_config.post_grad_custom_post_pass = failing
+    with pytest.raises(Exception, match="this graph cannot be compiled"):
+        inductor_convbn.verify(_model(), _x())
+    assert _hooked() == [None, failing]
+    with pytest.raises(Exception, match="this graph cannot be compiled"):
+        with inductor_convbn.installed("always"), torch.no_grad():
+            torch.compile(_model())(_x())
+    assert _hooked() == [None, failing]
+
+
+class RaisesInForward(nn.Module):
+    def forward(self, x):
+        raise ValueError("bad input for this model")
+
+
+def test_a_model_that_raises_propagates_its_own_error():
+    with pytest.raises(ValueError, match="bad input for this model"):
+        inductor_convbn.verify(RaisesInForward(), _x())
+    assert _hooked() == [None, None]
+
+
+@pytest.mark.skipif(
+    not _compat.CONFIG_IS_THREAD_LOCAL, reason="Inductor's config is process-wide before 2.14"
+)
+def test_threads_that_install_and_compile_at_once_fold_only_their_own_graphs():
+    # Inductor's config is per thread here: a thread's install() applies to its compiles.
+    installs = [True, False, True, False]
+    barrier = threading.Barrier(len(installs))
+    errors, results = [], []
+
+    def work(install):
+        try:
+            model, x = _model(), _x()
+            barrier.wait()
+            if install:
+                inductor_convbn.install("always")
+            with torch.no_grad():
+                out = torch.compile(model)(x)
+                results.append((install, torch.allclose(out, model(x), atol=1e-5)))
+            if install:
+                assert inductor_convbn.is_installed()
+                inductor_convbn.uninstall()
+            assert _hooked() == [None, None]
+        except BaseException as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in installs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(results) == sorted((i, True) for i in installs)
+    assert _compat.counters["inductor"]["inductor_convbn_folded"] == sum(installs)
+    assert _hooked() == [None, None] and not inductor_convbn.is_installed()
