@@ -42,7 +42,7 @@ pytestmark = [
 # Why a pair of a well-formed eval model may be left unfolded; anything else fails the sweep.
 EXPECTED_SKIPS = {_report.NO_RUNNING_STATS, _report.OTHER_USERS, _report.BN_TRAINING}
 # Input sizes to try, smallest first: the model runs at the first one eager accepts.
-IMAGE_SIZES = (32, 64, 75, 96, 128, 160, 224)
+IMAGE_SIZES = (32, 64, 75, 96, 128, 160, 224, 300)  # 300: the SSD300 backbone
 
 
 @dataclasses.dataclass(frozen=True)
