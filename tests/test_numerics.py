@@ -56,6 +56,23 @@ def test_vanishing_variance_folds_and_matches_eager(var, eps, freezing):
     assert report.outputs_match and report.folded == report.pairs == 1, report
 
 
+@pytest.mark.parametrize(
+    ("layer", "freezing"),
+    [("conv", False), ("linear", True)],
+    ids=["conv-per-call", "linear-freezing"],
+)
+def test_eps_zero_folds_and_matches_eager(layer, freezing):
+    # Inductor drops the BN's `var + 0`, so eps 0 has a pattern of its own.
+    if layer == "conv":
+        model, x = _model(eps=0.0), _x()
+    else:
+        torch.manual_seed(0)
+        model = randomize_batch_norm(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, eps=0.0)))
+        model, x = model.eval(), torch.randn(3, 4)
+    report = inductor_convbn.verify(model, x, policy="always", freezing=freezing)
+    assert report.outputs_match and report.folded == report.pairs == 1, report
+
+
 def test_denormal_weights_fold_and_match_eager():
     model = _model()
     with torch.no_grad():

@@ -115,6 +115,17 @@ def register_pattern(
     return registered
 
 
+def _drop_zero_adds(graph: torch.fx.Graph) -> None:
+    """Remove ``x + 0`` as Inductor's joint-graph passes do (``remove_no_ops``, every
+    release from torch 2.6 on), so that a pattern traced with a literal 0 (a batch norm with
+    eps 0) has the form of the graphs it is matched against."""
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.aten.add.Tensor)):
+        x, other = node.args[:2]
+        if isinstance(x, torch.fx.Node) and other == 0 and node.kwargs.get("alpha", 1) == 1:
+            node.replace_all_uses_with(x)
+            graph.erase_node(node)
+
+
 def _exact_pattern(
     search_fn: Callable[..., Any],
     example_inputs: list[Any],
@@ -132,6 +143,7 @@ def _exact_pattern(
     tensors = iter(example_inputs)
     args = [scalar_workaround[n] if n in scalar_workaround else next(tensors) for n in argnames]
     graph = fwd_only(search_fn, args)
+    _drop_zero_adds(graph.graph)
     return fx_to_pattern(graph, argnames=argnames, scalar_workaround=scalar_workaround)
 
 

@@ -8,8 +8,8 @@ padding and groups are literals of ``aten.convolution``. Each one is therefore t
 scalar argument with an unlikely sentinel value, which ``scalar_workaround`` turns into a
 wildcard (``KeywordArg``); the replacement receives the matched values. One template per
 structure (layer kind, rank, transposed, bias, affine) then covers every hyper-parameter,
-and eps too. Templates are traced lazily, only for the structures and dtypes a graph holds,
-once per process.
+and every eps but 0, which has a template of its own. Templates are traced lazily, only
+for the structures and dtypes a graph holds, once per process.
 """
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ class FoldTemplate:
     transposed: bool
     bias: bool  # the conv has a bias
     affine: bool  # the batch norm has weight and bias
+    # eps exactly 0: Inductor's joint-graph passes drop the ``var + 0``, so that pattern has
+    # no add, and eps is no wildcard but the literal 0.
+    eps_zero: bool = False
 
     def tensor_args(self) -> list[str]:
         return [
@@ -131,7 +134,7 @@ class FoldTemplate:
         ]
 
     def scalar_args(self) -> dict[str, float | int]:
-        scalars: dict[str, float | int] = {"eps": _EPS_SENTINEL}
+        scalars: dict[str, float | int] = {} if self.eps_zero else {"eps": _EPS_SENTINEL}
         if self.layer == "conv":
             for name in _HYPER_PARAMS:
                 for i in range(self.rank):
@@ -142,12 +145,13 @@ class FoldTemplate:
 
 def _templates() -> Iterator[FoldTemplate]:
     """Every structure the registry can fold."""
-    for bias in (False, True):
-        for affine in (True, False):
-            yield FoldTemplate("linear", 0, False, bias, affine)
-            for rank in (1, 2, 3):
-                for transposed in (False, True):
-                    yield FoldTemplate("conv", rank, transposed, bias, affine)
+    for eps_zero in (False, True):
+        for bias in (False, True):
+            for affine in (True, False):
+                yield FoldTemplate("linear", 0, False, bias, affine, eps_zero)
+                for rank in (1, 2, 3):
+                    for transposed in (False, True):
+                        yield FoldTemplate("conv", rank, transposed, bias, affine, eps_zero)
 
 
 TEMPLATES = tuple(_templates())
@@ -184,13 +188,14 @@ def _pattern_fns(t: FoldTemplate) -> tuple[Callable[..., Any], Callable[..., Any
         a, c = unpack(args)
         y = layer(a, c, a["w"], a.get("b"))
         return F.batch_norm(
-            y, a["mean"], a["var"], a.get("gamma"), a.get("beta"), False, 0.1, a["eps"]
+            y, a["mean"], a["var"], a.get("gamma"), a.get("beta"), False, 0.1, a.get("eps", 0.0)
         )
 
     def replace(*args: Any) -> Any:
         a, c = unpack(args)
         w, b = fold_conv_bn_weights(
-            a["w"], a.get("b"), a["mean"], a["var"], a["eps"], a.get("gamma"), a.get("beta"),
+            a["w"], a.get("b"), a["mean"], a["var"], a.get("eps", 0.0), a.get("gamma"),
+            a.get("beta"),
             transposed=t.transposed, groups=c.get("groups", 1),
         )  # fmt: skip
         return layer(a, c, w, b)
@@ -399,8 +404,8 @@ def _not_finite_reason(
         if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
             return STATS_NOT_FINITE
         weight, bias = fold_conv_bn_weights(
-            tensors["w"], tensors.get("b"), tensors["mean"], tensors["var"], float(k["eps"]),
-            tensors.get("gamma"), tensors.get("beta"),
+            tensors["w"], tensors.get("b"), tensors["mean"], tensors["var"],
+            float(k.get("eps", 0.0)), tensors.get("gamma"), tensors.get("beta"),
             transposed=bool(conv and layer.args[6]), groups=cast(int, layer.args[8]) if conv else 1,
         )  # fmt: skip
         if bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all()):
@@ -453,16 +458,25 @@ _register_lock = threading.Lock()
 
 def register_for_graph(graph: torch.fx.Graph) -> None:
     """Trace the templates whose structure and dtype occur in ``graph`` (once per process)."""
+    eps_zero = _has_eps_zero(graph)
     for structure, dtype, device in _layers_in(graph):
         # A half-precision layer may be followed by a batch norm of its own dtype or, under
         # autocast or with a float32 BN, by a float32 one.
         bn_dtypes = {dtype, torch.float32}
         for t in TEMPLATES:
-            if (t.layer, t.rank, t.transposed, t.bias) != structure:
+            if (t.layer, t.rank, t.transposed, t.bias) != structure or t.eps_zero > eps_zero:
                 continue
             for bn_dtype in bn_dtypes:
                 with _register_lock:
                     _register(t, dtype, bn_dtype, device)
+
+
+def _has_eps_zero(graph: torch.fx.Graph) -> bool:
+    # A batch norm's rsqrt(var + eps) without its add: eps was 0 (see FoldTemplate.eps_zero).
+    return any(
+        not (isinstance(n.args[0], torch.fx.Node) and n.args[0].target is aten.add.Tensor)
+        for n in graph.find_nodes(op="call_function", target=aten.rsqrt.default)
+    )
 
 
 def _layers_in(graph: torch.fx.Graph) -> set[tuple[tuple[str, int, bool, bool], torch.dtype, str]]:
