@@ -42,7 +42,7 @@ def small_model(tmp_path, monkeypatch):
 
 
 def test_reports_resnet18_and_exits_zero(capsys):
-    assert cli.main(["resnet18", "--no-timing", "--image-size", "64"]) == 0
+    assert cli.main(["resnet18", "--no-timing", "--image-size", "64", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "(policy=auto, freezing): folded 20 of 20 conv->bn pairs" in captured.out
     assert "layer4.1.conv2" in captured.out

@@ -63,6 +63,10 @@ def test_vanishing_variance_folds_and_matches_eager(var, eps, freezing):
 )
 def test_eps_zero_folds_and_matches_eager(layer, freezing):
     # Inductor drops the BN's `var + 0`, so eps 0 has a pattern of its own.
+    try:
+        torch.nn.functional.batch_norm(torch.ones(2, 1), torch.zeros(1), torch.ones(1), eps=0.0)
+    except ValueError as error:  # torch 2.11 (not 2.14): "eps must be positive"
+        pytest.skip(f"this torch refuses eps 0: {error}")
     if layer == "conv":
         model, x = _model(eps=0.0), _x()
     else:
