@@ -30,7 +30,7 @@ from torch import nn
 
 import inductor_convbn
 from inductor_convbn import _compat, _report, fx
-from inductor_convbn.testing import randomize_batch_norm, torchvision_model
+from inductor_convbn.testing import randomize_batch_norm, randomize_zero_weights, torchvision_model
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -62,7 +62,7 @@ def _classification(name: str) -> ZooModel:
 
 def _prepared(model: nn.Module) -> nn.Module:
     torch.manual_seed(0)
-    return randomize_batch_norm(model).eval()
+    return randomize_zero_weights(randomize_batch_norm(model)).eval()
 
 
 def _backbone(builder: Callable[..., nn.Module], **kwargs: object) -> nn.Module:
@@ -191,6 +191,7 @@ def check_model(entry: ZooModel, row: ZooRow) -> None:
     model = entry.build()
     x, magnitude = smallest_input(model, entry.shapes)
     row.input, row.output = "x".join(map(str, x.shape)), f"{magnitude:.2g}"
+    assert magnitude > 0, "the output is all zeros: comparing it checks nothing"
     # Randomly initialised deep models (Inception v3) reach outputs of 1e8, where float32
     # eager is itself 1e2 off exact: the absolute tolerance is in units of the output.
     rtol, atol = _report.DEFAULT_TOLERANCES[torch.float32]
@@ -297,7 +298,9 @@ def write_table(path: Path, rows: list[ZooRow]) -> None:
         f" {platform.machine()} CPU, {time.strftime('%Y-%m-%d')}.",
         "",
         "Each model has random weights and random BN statistics"
-        " (`inductor_convbn.testing.randomize_batch_norm`) and runs at batch 1 on the"
+        " (`inductor_convbn.testing.randomize_batch_norm`; a weight torchvision starts at"
+        " zero, as ViT's head, gets random values too, so that no output is all zeros) and"
+        " runs at batch 1 on the"
         " smallest input eager accepts. *pairs* are counted in dynamo's graph, without the"
         " pattern matcher; *fx* is what `inductor_convbn.fx.fuse` folded of the pairs it"
         " found on its own, in the module tree (its fused model is checked against eager"
@@ -313,3 +316,16 @@ def write_table(path: Path, rows: list[ZooRow]) -> None:
         cells = [getattr(r, c) for c in COLUMNS] + [r.result]
         lines.append("| " + " | ".join(c.replace("|", "\\|") or "-" for c in cells) + " |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def test_zero_weights_get_random_values():
+    # torchvision's ViT starts with a head of zeros: its output would be 0 for any input.
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.zero_()
+    kept = model[0].weight.clone()
+    randomize_zero_weights(model)
+    assert model[1].weight.any()
+    assert not model[1].bias.any()  # a zero bias changes nothing the comparison needs
+    torch.testing.assert_close(model[0].weight, kept, rtol=0, atol=0)

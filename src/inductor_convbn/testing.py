@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["randomize_batch_norm", "torchvision_model"]
+__all__ = ["randomize_batch_norm", "randomize_zero_weights", "torchvision_model"]
 
 
 def randomize_batch_norm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -47,4 +47,20 @@ def torchvision_model(name: str, seed: int = 0) -> torch.nn.Module:
         raise ValueError(f"unknown torchvision model {name!r}; one of: {', '.join(sorted(known))}")
     torch.manual_seed(seed)
     model = torchvision.models.get_model(name, weights=None)
-    return randomize_batch_norm(model, seed).eval()
+    return randomize_zero_weights(randomize_batch_norm(model, seed), seed).eval()
+
+
+def randomize_zero_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every weight that is all zeros small random values (std 0.02).
+
+    Some models start with a weight of zeros (torchvision's ViT heads): their output is
+    then 0 for every input, and a comparison with it checks nothing. Returns ``model``,
+    changed in place.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2 and param.numel() and not bool(param.any()):
+                values = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+                param.copy_(values * 0.02)
+    return model
