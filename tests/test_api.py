@@ -124,3 +124,30 @@ def test_threads_that_install_and_compile_at_once_fold_only_their_own_graphs():
     assert sorted(results) == sorted((i, True) for i in installs)
     assert _compat.counters["inductor"]["inductor_convbn_folded"] == sum(installs)
     assert _hooked() == [None, None] and not inductor_convbn.is_installed()
+
+
+def test_verify_from_several_threads_counts_each_its_own_folds():
+    # Two pairs in one model, one in the other: each report must count its own.
+    one = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    two = nn.Sequential(*one, nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    models = [randomize_batch_norm(m) for m in (one, two)]
+    barrier = threading.Barrier(len(models))
+    errors, reports = [], {}
+
+    def work(model):
+        try:
+            barrier.wait()
+            reports[len(model)] = inductor_convbn.verify(model, _x(), policy="always")
+        except BaseException as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert [(r.pairs, r.folded, r.outputs_match) for _, r in sorted(reports.items())] == [
+        (1, 1, True),
+        (2, 2, True),
+    ]

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import inspect
 import itertools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -295,6 +296,9 @@ class _FirstCallPatched:
             return self.fn(*args, **kwargs)
 
 
+_verify_lock = threading.RLock()
+
+
 def verify(
     model: torch.nn.Module,
     *example_inputs: Any,
@@ -312,7 +316,8 @@ def verify(
     ``install()``'s; ``freezing`` compiles with Inductor freezing on. ``grad=True`` runs
     with gradients instead (an eval model called without ``no_grad``, or frozen-BN
     fine-tuning) and also compares the gradients of the parameters with eager's, each
-    relative to its largest element.
+    relative to its largest element. Calls from several threads run one at a time; a
+    model compiled in another thread meanwhile, outside ``verify()``, is counted too.
     """
     if not isinstance(model, torch.nn.Module):
         hint = (
@@ -332,18 +337,23 @@ def verify(
         raise ValueError("freezing compiles for inference: verify() takes grad or freezing")
     reference = model
     candidate = copy.deepcopy(model)
-    _registry.take_decisions()
-    before = _compat.counters["inductor"].copy()
     grad_mode = torch.enable_grad() if grad else torch.no_grad()
-    with grad_mode, _tf32_off():
-        expected = reference(*example_inputs)
-        compiled, pairs = compile_variant(
-            candidate, dynamic=dynamic, policy=policy, freezing=freezing
-        )
-        actual = compiled(*example_inputs)
-        grads = (_gradients(reference, expected), _gradients(candidate, actual)) if grad else None
-    delta = _compat.counters["inductor"] - before
-    decisions = _registry.take_decisions()
+    # The counters and the pass's records are process-wide: one verify() at a time reads
+    # them, so that calls from several threads don't count each other's folds.
+    with _verify_lock:
+        _registry.take_decisions()
+        before = _compat.counters["inductor"].copy()
+        with grad_mode, _tf32_off():
+            expected = reference(*example_inputs)
+            compiled, pairs = compile_variant(
+                candidate, dynamic=dynamic, policy=policy, freezing=freezing
+            )
+            actual = compiled(*example_inputs)
+            grads = (
+                (_gradients(reference, expected), _gradients(candidate, actual)) if grad else None
+            )
+        delta = _compat.counters["inductor"] - before
+        decisions = _registry.take_decisions()
     error, dtype = _max_abs_error(actual, expected)
     default_rtol, default_atol = DEFAULT_TOLERANCES.get(dtype, (1e-4, 1e-4))
     rtol = default_rtol if rtol is None else rtol
