@@ -90,38 +90,47 @@ def test_a_model_that_raises_propagates_its_own_error():
     assert _hooked() == [None, None]
 
 
+def _in_threads(work, args):
+    """``work(arg)`` in one thread per arg, started together; the results, in order."""
+    barrier = threading.Barrier(len(args))
+    results, errors = [None] * len(args), []
+
+    def run(i, arg):
+        try:
+            barrier.wait()
+            results[i] = work(arg)
+        except BaseException as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, arg)) for i, arg in enumerate(args)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
 @pytest.mark.skipif(
     not _compat.CONFIG_IS_THREAD_LOCAL, reason="Inductor's config is process-wide before 2.14"
 )
 def test_threads_that_install_and_compile_at_once_fold_only_their_own_graphs():
     # Inductor's config is per thread here: a thread's install() applies to its compiles.
     installs = [True, False, True, False]
-    barrier = threading.Barrier(len(installs))
-    errors, results = [], []
 
     def work(install):
-        try:
-            model, x = _model(), _x()
-            barrier.wait()
-            if install:
-                inductor_convbn.install("always")
-            with torch.no_grad():
-                out = torch.compile(model)(x)
-                results.append((install, torch.allclose(out, model(x), atol=1e-5)))
-            if install:
-                assert inductor_convbn.is_installed()
-                inductor_convbn.uninstall()
-            assert _hooked() == [None, None]
-        except BaseException as e:  # reported below, not lost in the thread
-            errors.append(e)
+        model, x = _model(), _x()
+        if install:
+            inductor_convbn.install("always")
+        with torch.no_grad():
+            matches = torch.allclose(torch.compile(model)(x), model(x), atol=1e-5)
+        if install:
+            assert inductor_convbn.is_installed()
+            inductor_convbn.uninstall()
+        assert _hooked() == [None, None]
+        return matches
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in installs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert sorted(results) == sorted((i, True) for i in installs)
+    assert _in_threads(work, installs) == [True] * len(installs)
     assert _compat.counters["inductor"]["inductor_convbn_folded"] == sum(installs)
     assert _hooked() == [None, None] and not inductor_convbn.is_installed()
 
@@ -131,23 +140,5 @@ def test_verify_from_several_threads_counts_each_its_own_folds():
     one = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     two = nn.Sequential(*one, nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
     models = [randomize_batch_norm(m) for m in (one, two)]
-    barrier = threading.Barrier(len(models))
-    errors, reports = [], {}
-
-    def work(model):
-        try:
-            barrier.wait()
-            reports[len(model)] = inductor_convbn.verify(model, _x(), policy="always")
-        except BaseException as e:  # reported below, not lost in the thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(m,)) for m in models]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert [(r.pairs, r.folded, r.outputs_match) for _, r in sorted(reports.items())] == [
-        (1, 1, True),
-        (2, 2, True),
-    ]
+    reports = _in_threads(lambda m: inductor_convbn.verify(m, _x(), policy="always"), models)
+    assert [(r.pairs, r.folded, r.outputs_match) for r in reports] == [(1, 1, True), (2, 2, True)]
