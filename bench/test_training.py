@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +30,7 @@ from torch import nn
 import inductor_convbn
 from inductor_convbn import _compat, _report
 from inductor_convbn.testing import randomize_batch_norm
+from variants import ratio_stats
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -190,12 +190,8 @@ def _run(benchmark, request, config, names: list[str], frozen: bool) -> None:
     summary = {}
     for name, times in per_step.items():
         base = per_step.get(BASELINES[name.partition("+")[0]], per_step["eager"])
-        ratios = [t / b for t, b in zip(times, base, strict=True)]
         summary[name] = {
-            "median_s": statistics.median(times),
-            "ratio": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
+            **ratio_stats(times, base),
             **trainers[name].memory,
             "max_abs_error_first_step": max_error[name],
         }

@@ -249,17 +249,18 @@ def time_interleaved(
 
 def summarize(per_call: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """Median seconds per call of each variant, and its per-round ratio to the baseline."""
-    base = per_call[BASELINE]
-    summary = {}
-    for name, times in per_call.items():
-        ratios = [t / b for t, b in zip(times, base, strict=True)]
-        summary[name] = {
-            "median_s": statistics.median(times),
-            "ratio": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
-        }
-    return summary
+    return {name: ratio_stats(times, per_call[BASELINE]) for name, times in per_call.items()}
+
+
+def ratio_stats(times: list[float], base: list[float]) -> dict[str, float]:
+    """The median of ``times``, and the median and range of its per-round ratios to ``base``."""
+    ratios = [t / b for t, b in zip(times, base, strict=True)]
+    return {
+        "median_s": statistics.median(times),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+    }
 
 
 def run_config(
