@@ -65,24 +65,6 @@ def _bind(node: torch.fx.Node, names: tuple[str, ...]) -> dict[str, Any] | None:
     return {**dict(zip(names, node.args, strict=False)), **node.kwargs}
 
 
-def _folded_weight_and_bias(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    bn_weight: torch.Tensor | None,
-    bn_bias: torch.Tensor | None,
-    eps: float,
-    transposed: bool,
-    groups: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # Called when AOT autograd traces the graph, which records its ops and their backward.
-    return fold_conv_bn_weights(
-        weight, bias, running_mean, running_var, eps, bn_weight, bn_bias,
-        transposed=transposed, groups=groups,
-    )  # fmt: skip
-
-
 def fold_for_grad(graph: torch.fx.Graph) -> int:
     """Fold each eval conv -> batch_norm pair of a dynamo graph that gradients flow through.
 
@@ -124,13 +106,14 @@ def fold_for_grad(graph: torch.fx.Graph) -> int:
             _record(Decision(describe_node(layer), False, FLOAT16_FOR_GRAD, unsafe=True))
             continue
         with graph.inserting_before(layer):
+            # Traced by AOT autograd, which records the fold's ops and their backward.
             folded = graph.call_function(
-                _folded_weight_and_bias,
+                fold_conv_bn_weights,
                 (
                     conv["weight"], conv.get("bias"), norm["running_mean"], norm["running_var"],
-                    norm["weight"], norm["bias"], float(norm["eps"]),
-                    layer.target in _TRANSPOSED, groups,
+                    float(norm["eps"]), norm["weight"], norm["bias"],
                 ),
+                {"transposed": layer.target in _TRANSPOSED, "groups": groups},
             )  # fmt: skip
             weight = graph.call_function(operator.getitem, (folded, 0))
             bias = graph.call_function(operator.getitem, (folded, 1))

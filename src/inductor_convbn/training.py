@@ -25,6 +25,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from . import fx  # its tracer and pair finder
 from ._fold import fold_conv_bn_weights
 from ._report import OTHER_USERS, SKIPPED, PairReport, format_pairs
 
@@ -439,8 +440,6 @@ def memory_efficient(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Works on a deep copy unless ``inplace``; the model's class and forward are kept.
     Raises ``inductor_convbn.fx.FuseError`` when ``torch.fx`` cannot trace the model.
     """
-    from . import fx  # fx's tracer and pair finder; fx does not import this module
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"memory_efficient() takes an nn.Module, got {type(model).__name__}")
     target = model if inplace else copy.deepcopy(model)
@@ -482,8 +481,6 @@ def memory_efficient_report(model: nn.Module) -> MemoryEfficientReport:
 
 def _reason_not_to_swap(gm: torch.fx.GraphModule, pair: Any, calls: Counter[Any]) -> str:
     """Why the pair keeps its two modules; empty when it gets a fused layer."""
-    from . import fx
-
     if pair.bn_module is None:
         return FUNCTIONAL_BN
     conv = cast(nn.modules.conv._ConvNd, gm.get_submodule(pair.conv))
