@@ -16,11 +16,10 @@ per-round ratios to the plain variant of the same mode.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 import inductor_convbn
-from inductor_convbn import _compat, _report
+from inductor_convbn import _compat, _harness
 from inductor_convbn.testing import randomize_batch_norm
 from variants import ratio_stats
 
@@ -66,13 +65,7 @@ def pytest_generate_tests(metafunc):
 
 def _compile(model: nn.Module, *, plugin: bool = False, **config: Any) -> Callable[..., Any]:
     """``torch.compile`` with the plugin or an Inductor config for this model's compiles only."""
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-        plugin_cm = inductor_convbn.installed() if plugin else contextlib.nullcontext()
-        with plugin_cm, _compat.inductor_config.patch(config):
-            return _compat.compile_fx(gm, example_inputs)
-
-    return torch.compile(_report._fresh_callable(model), backend=backend)
+    return _harness.compile_variant(model, plugin=plugin, config=config)
 
 
 class _Trainer:
@@ -154,7 +147,7 @@ def _run(benchmark, request, config, names: list[str], frozen: bool) -> None:
     x = torch.randn(batch, 3, size, size, generator=generator).to(device)
     target = torch.randint(0, 100, (batch,), generator=generator).to(device)
 
-    with _report._tf32_off():
+    with _harness.tf32_off():
         trainers = {name: _build(name, model, dtype) for name in names}
         rtol, atol = TOLERANCES[dtype]
         expected = _gradients(trainers["eager"], x, target)

@@ -9,7 +9,6 @@ docs/benchmarks.md, "How not to fool yourself").
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import statistics
@@ -19,8 +18,7 @@ from typing import Any
 
 import torch
 
-import inductor_convbn
-from inductor_convbn import _compat, _report
+from inductor_convbn import _compat, _decide, _harness, _report
 from inductor_convbn.testing import torchvision_model
 
 BASELINE = "compile"
@@ -88,16 +86,9 @@ def _compiled(
     patches = dict(config)
     if cudagraphs:
         patches["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-        plugin_cm = inductor_convbn.installed(policy) if plugin else contextlib.nullcontext()
-        with plugin_cm, _compat.inductor_config.patch(patches):
-            return _compat.compile_fx(gm, example_inputs)
-
-    compiled = torch.compile(_report._fresh_callable(copy.deepcopy(model)), backend=backend)
-    # Dynamo reads the freezing flag while it traces, before the backend runs: patch the
-    # config around the first call too.
-    return _report._FirstCallPatched(compiled, **patches)
+    return _harness.compile_variant(
+        copy.deepcopy(model), plugin=plugin, policy=policy, config=patches
+    )
 
 
 def _jit_frozen(model: torch.nn.Module) -> Callable[..., Any]:
@@ -155,7 +146,7 @@ def _sync(device: torch.device) -> None:
 
 
 # TF32 off, as verify() has it: every variant is checked against eager at fp32 tolerances.
-tf32_off = _report._tf32_off
+tf32_off = _harness.tf32_off
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -220,8 +211,8 @@ def prepare(
             name,
             run,
             compile_s=max(first - warm, 0.0),
-            folded=delta["inductor_convbn_folded"],
-            kept=delta["inductor_convbn_kept"],
+            folded=delta[_decide.COUNTER_FOLDED],
+            kept=delta[_decide.COUNTER_KEPT],
         )
     return variants, dropped
 

@@ -7,7 +7,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="induct
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from inductor_convbn import _compat, _pass, _registry  # noqa: E402
+from inductor_convbn import _compat, _decide, _harness, _pass  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -32,21 +32,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _clean_global_state():
     """Each test starts from no plugin, no compiled code, zeroed counters, TF32 off."""
-    saved_passes = {
-        field: getattr(_compat.inductor_config, field) for field in _pass._HOOKS.values()
-    }
-    saved_installed = _pass._installed_here.get()
-    saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    _compat.dynamo_reset()
-    _compat.counters.clear()
-    _registry.take_decisions()
-    try:
-        yield
-    finally:
-        for field, saved in saved_passes.items():
-            setattr(_compat.inductor_config, field, saved)
-        _pass._installed_here.set(saved_installed)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+    with _pass.saved_state(), _harness.tf32_off():
         _compat.dynamo_reset()
+        _compat.counters.clear()
+        _decide.take_decisions()
+        try:
+            yield
+        finally:
+            _compat.dynamo_reset()

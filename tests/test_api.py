@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import inductor_convbn
-from inductor_convbn import ConvBnFoldPass, _compat, fx
+from inductor_convbn import ConvBnFoldPass, _compat, _decide, fx
 from inductor_convbn.testing import randomize_batch_norm
 
 HOOKS = ("joint_custom_post_pass", "post_grad_custom_post_pass")
@@ -131,7 +131,7 @@ def test_threads_that_install_and_compile_at_once_fold_only_their_own_graphs():
         return matches
 
     assert _in_threads(work, installs) == [True] * len(installs)
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == sum(installs)
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == sum(installs)
     assert _hooked() == [None, None] and not inductor_convbn.is_installed()
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from inductor_convbn import __main__ as cli
-from inductor_convbn import _compat, _report, _timing
+from inductor_convbn import _compat, _decide, _harness, _pairs, _report
 from inductor_convbn.testing import randomize_batch_norm
 
 SMALL_MODEL = """
@@ -93,7 +93,7 @@ def test_bench_json_of_an_instance(small_model, capsys):
 
 def test_missed_pair_exits_one(monkeypatch, small_model, capsys):
     def verify(model, *inputs, policy, freezing):
-        pair = _report.PairReport("0", "1", "conv2d", _report.SKIPPED, _report.NOT_MATCHED)
+        pair = _report.PairReport("0", "1", "conv2d", _pairs.SKIPPED, _pairs.NOT_MATCHED)
         return _report.FoldReport([pair], 0, 0.0, True, 1e-4, 1e-4, policy=policy)
 
     monkeypatch.setattr(cli._report, "verify", verify)
@@ -177,7 +177,9 @@ def test_model_is_required(capsys):
 
 def test_compare_compiled_times_both_variants_and_folds():
     model = randomize_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
-    t = _timing.compare_compiled(model, torch.randn(1, 3, 8, 8), policy="always", rounds=3, calls=2)
+    t = _harness.compare_compiled(
+        model, torch.randn(1, 3, 8, 8), policy="always", rounds=3, calls=2
+    )
     assert t["plain_s"] > 0 and t["plugin_s"] > 0
     assert t["ratio_min"] <= t["ratio"] <= t["ratio_max"]
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1  # the plugin variant only
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 1  # the plugin variant only

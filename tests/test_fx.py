@@ -12,14 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import inductor_convbn
-from inductor_convbn import fx
-from inductor_convbn._report import (
-    BN_TRAINING,
-    DEFAULT_TOLERANCES,
-    LINEAR_NOT_2D,
-    NO_RUNNING_STATS,
-    OTHER_USERS,
-)
+from inductor_convbn import _pairs, fx
+from inductor_convbn._pairs import BN_TRAINING, LINEAR_NOT_2D, NO_RUNNING_STATS, OTHER_USERS
+from inductor_convbn._report import DEFAULT_TOLERANCES
 from inductor_convbn.testing import randomize_batch_norm, torchvision_model
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -117,7 +112,7 @@ def test_folds_linear_then_batchnorm1d(bias, affine):
 def test_linear_without_example_inputs_is_folded_with_a_note():
     model = randomize_batch_norm(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6))).eval()
     (pair,) = fx.fuse_report(fx.fuse(model)).pair_reports
-    assert pair.status == "folded" and pair.reason == fx.LINEAR_ASSUMED_2D
+    assert pair.status == "folded" and pair.reason == _pairs.LINEAR_ASSUMED_2D
     (pair,) = fx.fuse_report(fx.fuse(model, torch.randn(3, 5))).pair_reports
     assert pair.status == "folded" and pair.reason == ""
 
@@ -137,7 +132,7 @@ def test_example_inputs_catch_an_unbatched_conv():
     model = randomize_batch_norm(nn.Sequential(nn.Conv1d(4, 6, 1), nn.BatchNorm1d(6))).eval()
     x = torch.randn(4, 6)
     fused = fx.fuse(model, x)
-    assert fx.fuse_report(fused).skipped == [("0", fx.CONV_NOT_BATCHED)]
+    assert fx.fuse_report(fused).skipped == [("0", _pairs.CONV_NOT_BATCHED)]
     assert_matches_eager(fused, model, x)
 
 
@@ -283,9 +278,9 @@ class Hooked(nn.Sequential):
 @pytest.mark.parametrize(
     "make, training, expected",
     [
-        (Reused, False, [("conv", fx.CONV_REUSED)]),
+        (Reused, False, [("conv", _pairs.CONV_REUSED)]),
         (MultiUser, False, [("conv", OTHER_USERS)]),
-        (Hooked, False, [("0", fx.HAS_HOOKS)]),
+        (Hooked, False, [("0", _pairs.HAS_HOOKS)]),
         (lambda: nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), True, [("0", BN_TRAINING)]),
         (
             lambda: nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
@@ -340,7 +335,7 @@ def test_bn_shared_with_a_skipped_pair_stays():
     model.b.register_forward_hook(lambda module, args, output: output + 1)
     model = randomize_batch_norm(model).eval()
     fused = fx.fuse(model)
-    assert fx.fuse_report(fused).skipped == [("b", fx.HAS_HOOKS)]
+    assert fx.fuse_report(fused).skipped == [("b", _pairs.HAS_HOOKS)]
     assert [n.target for n in _bn_nodes(fused)] == ["bn"]
     assert_matches_eager(fused, model, _input())
 
@@ -384,7 +379,7 @@ def test_functional_batch_norm_over_model_buffers_is_folded(fn):
 
 @pytest.mark.parametrize(
     "kwargs, reason",
-    [(dict(training=True), BN_TRAINING), (dict(computed_stats=True), fx.STATS_NOT_ATTRIBUTES)],
+    [(dict(training=True), BN_TRAINING), (dict(computed_stats=True), _pairs.STATS_NOT_ATTRIBUTES)],
     ids=["training", "computed-stats"],
 )
 def test_functional_batch_norm_that_cannot_fold_is_reported(kwargs, reason):

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import inductor_convbn
-from inductor_convbn import _compat
-from inductor_convbn._report import OTHER_USERS
+from inductor_convbn import _compat, _decide
+from inductor_convbn._pairs import OTHER_USERS
 from inductor_convbn.testing import randomize_batch_norm
 
 
@@ -124,7 +124,7 @@ def test_batch_norm_in_training_mode_inside_an_eval_model_keeps_training():
     with inductor_convbn.installed("always"), torch.no_grad():
         out = torch.compile(model)(x)
         expected = twin(x)
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1  # the eval pair only
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 1  # the eval pair only
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     # The training-mode BN updated its running statistics, as in eager.
     assert not torch.equal(model[4].running_mean, before)
@@ -153,4 +153,4 @@ def test_compiled_model_follows_every_value_and_mode_change():
         torch.testing.assert_close(compiled(x), twin(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(bn.running_mean, twin[1].running_mean)
         torch.testing.assert_close(bn.running_var, twin[1].running_var)
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 1

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import inductor_convbn
-from inductor_convbn import _compat, _registry, fold_conv_bn_weights
+from inductor_convbn import _compat, _decide, _pairs, fold_conv_bn_weights
 from inductor_convbn._report import DEFAULT_TOLERANCES
 from inductor_convbn.testing import randomize_batch_norm
 from test_policy import _overflowing_half_model
@@ -99,8 +99,8 @@ def test_float16_is_not_folded_per_call_where_the_fold_would_overflow(policy):
     report = inductor_convbn.verify(model, x, policy=policy)
     assert report.outputs_match and torch.isfinite(model(x)).all(), report
     assert report.pairs == 1 and report.folded == 0, report
-    assert report.skipped == [("0", _registry.FLOAT16_PER_CALL)]
-    assert _compat.counters["inductor"]["inductor_convbn_unsafe"] == 1
+    assert report.skipped == [("0", _pairs.FLOAT16_PER_CALL)]
+    assert _compat.counters["inductor"][_decide.COUNTER_UNSAFE] == 1
 
 
 def test_freezing_with_policy_always_skips_the_overflow_once():
@@ -109,9 +109,9 @@ def test_freezing_with_policy_always_skips_the_overflow_once():
     model = _overflowing_half_model("cpu")
     report = inductor_convbn.verify(model, (_x() * 1e-5).half(), policy="always", freezing=True)
     assert report.outputs_match and report.folded == 0, report
-    assert report.skipped == [("0", _registry.NOT_FINITE.format(dtype="float16"))]
-    assert _compat.counters["inductor"]["inductor_convbn_unsafe"] == 1
-    assert _compat.counters["inductor"]["inductor_convbn_kept"] == 0
+    assert report.skipped == [("0", _pairs.NOT_FINITE.format(dtype="float16"))]
+    assert _compat.counters["inductor"][_decide.COUNTER_UNSAFE] == 1
+    assert _compat.counters["inductor"][_decide.COUNTER_KEPT] == 0
 
 
 STATS = ["running_mean", "running_var", "weight", "bias"]
@@ -130,7 +130,7 @@ def test_freezing_never_folds_non_finite_values(value):
             getattr(model[1], field)[channel] = value
     report = inductor_convbn.verify(model, _x(), policy="always", freezing=True)
     assert report.outputs_match and report.folded == 0, report
-    assert report.skipped == [("0", _registry.STATS_NOT_FINITE)]
+    assert report.skipped == [("0", _pairs.STATS_NOT_FINITE)]
 
 
 @pytest.mark.parametrize(
@@ -145,7 +145,7 @@ def test_per_call_fold_of_non_finite_values_is_non_finite_where_eager_is(field, 
     with torch.no_grad():
         getattr(model[1], field)[2] = value
     out, expected = _compiled_and_eager(model, _x())
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 1
     # An infinite variance makes the channel beta, in eager and folded alike.
     assert torch.isfinite(expected[:, 2]).all() == (field == "running_var" and value == INF)
     torch.testing.assert_close(torch.isfinite(out), torch.isfinite(expected))

@@ -1,5 +1,7 @@
 """install / uninstall / installed, chaining another library's pass, and the cache key."""
 
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -10,7 +12,7 @@ from torch import nn
 
 import inductor_convbn
 from conftest import DEVICES  # noqa: F401
-from inductor_convbn import ConvBnFoldPass, _compat
+from inductor_convbn import ConvBnFoldPass, _compat, _decide, _pass, _registry
 from inductor_convbn.testing import randomize_batch_norm
 
 
@@ -32,7 +34,7 @@ def _compile_small():
         torch.compile(model)(torch.randn(1, 3, 8, 8))
 
 
-HOOKS = ("joint_custom_post_pass", "post_grad_custom_post_pass")
+HOOKS = tuple(_pass.HOOKS.values())  # every Inductor config field the plugin hooks into
 
 
 def _hooked():
@@ -45,29 +47,30 @@ def test_install_is_idempotent_and_uninstall_restores_none():
     inductor_convbn.install()
     assert _hooked() == first
     assert [(p.stage, p.policy, p.previous) for p in first] == [
-        ("joint", "auto", None),
-        ("post_grad", "auto", None),
+        ("grad", "auto", None),
+        ("freezing", "auto", None),
+        ("per_call", "auto", None),
     ]
     assert inductor_convbn.is_installed()
     inductor_convbn.uninstall()
-    assert _hooked() == [None, None]
+    assert _hooked() == [None] * len(HOOKS)
     assert not inductor_convbn.is_installed()
     inductor_convbn.uninstall()  # a second uninstall is a no-op
 
 
-def test_install_with_another_policy_switches_and_keeps_the_chain():
+@pytest.mark.parametrize("field", HOOKS)
+def test_install_with_another_policy_switches_and_keeps_the_chain(field):
     other = RecordingPass()
-    _compat.inductor_config.joint_custom_post_pass = other
+    setattr(_compat.inductor_config, field, other)
     inductor_convbn.install()
     inductor_convbn.install("always")
-    joint, post_grad = _hooked()
-    assert joint.policy == post_grad.policy == "always"
-    assert joint.previous is other and post_grad.previous is None
+    assert all(p.policy == "always" for p in _hooked())
+    assert [p.previous for p in _hooked()] == [other if f == field else None for f in HOOKS]
     with inductor_convbn.installed("auto"):
-        assert _hooked()[1].policy == "auto"
-    assert _hooked()[1].policy == "always"
+        assert all(p.policy == "auto" for p in _hooked())
+    assert all(p.policy == "always" for p in _hooked())
     inductor_convbn.uninstall()
-    assert _hooked() == [other, None]
+    assert _hooked() == [other if f == field else None for f in HOOKS]
 
 
 def test_bad_policy_or_stage_is_a_value_error():
@@ -75,7 +78,7 @@ def test_bad_policy_or_stage_is_a_value_error():
         inductor_convbn.install("never")
     with pytest.raises(ValueError, match="stage must be one of"):
         ConvBnFoldPass(stage="pre_grad")
-    assert _hooked() == [None, None]
+    assert _hooked() == [None] * len(HOOKS)
 
 
 @pytest.mark.parametrize("field", HOOKS)
@@ -85,7 +88,7 @@ def test_pass_installed_before_still_runs_and_is_restored(field):
     inductor_convbn.install("always")
     _compile_small()
     assert other.calls == 1
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 1
     inductor_convbn.uninstall()
     assert getattr(_compat.inductor_config, field) is other
 
@@ -94,7 +97,7 @@ def test_uuid_covers_the_chained_pass():
     ours = ConvBnFoldPass().uuid()
     assert ours is not None
     assert ConvBnFoldPass(policy="always").uuid() != ours
-    assert ConvBnFoldPass(stage="joint").uuid() != ours
+    assert ConvBnFoldPass(stage="freezing").uuid() != ours
     chained = ConvBnFoldPass(RecordingPass("a")).uuid()
     assert chained != ours and chained != ConvBnFoldPass(RecordingPass("b")).uuid()
     # A bare function has no uuid: the cache must be bypassed, as it would be without us.
@@ -172,3 +175,72 @@ def test_import_traces_nothing_and_leaves_cuda_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_old_stage_names_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="now called 'freezing'"):
+        assert ConvBnFoldPass(stage="joint").stage == "freezing"
+    with pytest.warns(DeprecationWarning, match="now called 'per_call'"):
+        assert ConvBnFoldPass(stage="post_grad").stage == "per_call"
+
+
+def test_saved_state_puts_every_hook_back():
+    other = RecordingPass()
+    with _pass.saved_state():
+        inductor_convbn.install()
+        setattr(_compat.inductor_config, HOOKS[0], other)
+    assert _hooked() == [None] * len(HOOKS)
+    assert not inductor_convbn.is_installed()
+    inductor_convbn.uninstall()  # nothing installed here: a no-op, not "replaced after"
+
+
+def test_uuid_changes_when_any_source_file_changes(tmp_path):
+    """The cache key hashes every file of the package: a copy of it, each file changed in
+    turn, gives a new uuid each time."""
+    copy = tmp_path / "inductor_convbn"
+    shutil.copytree(_pass.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    files = sorted(p.name for p in copy.glob("*.py"))
+    assert {"_pairs.py", "_decide.py", "_registry.py", "_report.py", "fx.py"} <= set(files)
+    code = (
+        "import sys, pathlib\n"
+        "from inductor_convbn import ConvBnFoldPass, _compat, _pass\n"
+        f"assert _pass.PACKAGE_DIR == pathlib.Path({str(copy)!r}), _pass.PACKAGE_DIR\n"
+        "seen = {ConvBnFoldPass().uuid()}\n"
+        "for name in sys.argv[1:]:\n"
+        "    with open(_pass.PACKAGE_DIR / name, 'a') as f:\n"
+        "        f.write('\\n# changed\\n')\n"
+        "    _compat.get_hash_for_files.cache_clear()\n"
+        "    seen.add(ConvBnFoldPass().uuid())\n"
+        "print(len(seen))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code, *files], capture_output=True, text=True, env=env, check=True
+    )
+    assert int(out.stdout) == len(files) + 1
+
+
+class _RenamedPatterns(_compat.PatternMatcherPass):
+    """A pattern pass that keeps its entries where a later torch might: not in
+    ``.patterns``."""
+
+    def __init__(self):
+        super().__init__(pass_name="renamed")
+        self._entries = self.patterns
+        self.patterns = None
+
+    def __getitem__(self, item):
+        return self._entries[item]
+
+
+def test_losing_the_early_checks_raises(monkeypatch):
+    """Without the pattern entries the safety and policy checks could not be attached, and
+    every match would fold unchecked: registering must fail loudly instead."""
+    monkeypatch.setattr(_registry, "PATTERNS", _RenamedPatterns())
+    template = _registry.TEMPLATES[0]
+    _registry._register.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="checks cannot be attached"):
+            _registry._register(template, torch.float32, torch.float32, "cpu")
+    finally:
+        _registry._register.cache_clear()  # the real PATTERNS kept its entries

@@ -15,7 +15,7 @@ from torch import nn
 
 import inductor_convbn
 from conftest import DEVICES
-from inductor_convbn import _compat, _registry
+from inductor_convbn import _compat, _decide, _pairs
 from inductor_convbn.testing import randomize_batch_norm
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -83,7 +83,7 @@ def test_folds_every_conv_kind_once_under_freezing(rank, transposed, policy):
     model = conv_bn(rank, transposed, bias=False, hyper="dilated-grouped")
     report = inductor_convbn.verify(model, _input(rank), policy=policy, freezing=True)
     assert_folds(report, 1)
-    assert report.pair_reports[0].reason == _registry.FOLDED_ONCE
+    assert report.pair_reports[0].reason == _pairs.FOLDED_ONCE
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -92,7 +92,7 @@ def test_folds_half_precision_under_freezing(device, dtype):
     model = conv_bn(2).to(device, dtype)
     report = inductor_convbn.verify(model, _input(2).to(device, dtype), freezing=True)
     assert_folds(report, 1)
-    assert report.pair_reports[0].reason == _registry.FOLDED_ONCE
+    assert report.pair_reports[0].reason == _pairs.FOLDED_ONCE
 
 
 @pytest.mark.parametrize("eps", [1e-3, 1e-5, 0.1])
@@ -153,7 +153,7 @@ def test_folds_half_precision(device, dtype, rank):
     else:
         # Folded per call, a float16 weight could overflow; test_numerics.py shows one.
         assert_folds(report, 1, folded=0)
-        assert report.skipped == [("0", _registry.FLOAT16_PER_CALL)]
+        assert report.skipped == [("0", _pairs.FLOAT16_PER_CALL)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -184,7 +184,7 @@ def test_folds_with_dynamic_batch_size():
         for batch in (2, 5):
             x = _input(2, batch=batch)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 1
     assert _compat.counters["stats"]["unique_graphs"] == 1
 
 
@@ -198,7 +198,7 @@ def test_compiled_model_follows_parameter_updates():
         model[1].running_var.mul_(4.0)
         model[1].weight.add_(1.0)
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 1
 
 
 class TwoUsers(nn.Module):
@@ -252,7 +252,7 @@ def test_report_names_pairs_and_renders():
     with _compat.inductor_config.patch(fx_graph_cache=False):
         report = fold_and_verify(conv_bn(2), _input(2))
     assert [(p.conv, p.bn, p.kind, p.status, p.reason) for p in report.pair_reports] == [
-        ("0", "1", "conv2d", "folded", _registry.FOLDED_PER_CALL)
+        ("0", "1", "conv2d", "folded", _pairs.FOLDED_PER_CALL)
     ]
     text = str(report)
     assert "folded 1 of 1 conv->bn pairs" in text and "conv2d" in text
@@ -270,14 +270,14 @@ def test_graph_that_needs_gradients_is_folded_differentiably():
     reference(x).sum().backward()
     for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-4)
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 1
 
 
 def test_nothing_folded_without_install():
     model = conv_bn(2)
     with torch.no_grad():
         torch.compile(model)(_input(2))
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 0
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 0
 
 
 def test_verify_leaves_model_and_config_untouched():

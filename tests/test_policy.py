@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import inductor_convbn
-from inductor_convbn import _compat, _registry
+from inductor_convbn import _compat, _decide, _pairs
 from inductor_convbn.testing import randomize_batch_norm
 
 
@@ -23,8 +23,8 @@ def test_auto_keeps_a_batch_norm_that_runs_inside_the_next_pointwise_kernel():
     report = inductor_convbn.verify(model, _x(2, 4, 16, 16))
     assert report.outputs_match and report.pairs == 1 and report.folded == 0, report
     assert report.kept == ["0"] and not report.missed
-    assert report.pair_reports[0].reason == _registry.KEPT_FUSED.format(user="relu")
-    assert _compat.counters["inductor"]["inductor_convbn_kept"] == 1
+    assert report.pair_reports[0].reason == _pairs.KEPT_FUSED.format(user="relu")
+    assert _compat.counters["inductor"][_decide.COUNTER_KEPT] == 1
 
 
 def test_auto_folds_a_standalone_batch_norm_over_an_output_larger_than_the_weight():
@@ -38,7 +38,7 @@ def test_auto_keeps_a_pair_whose_weight_outweighs_its_output():
     model = _model(nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64))
     report = inductor_convbn.verify(model, _x(1, 64, 3, 3))
     assert report.outputs_match and report.folded == 0 and report.kept == ["0"], report
-    assert report.pair_reports[0].reason == _registry.KEPT_LARGE_WEIGHT.format(
+    assert report.pair_reports[0].reason == _pairs.KEPT_LARGE_WEIGHT.format(
         weight=64 * 64 * 9, output=64
     )
 
@@ -50,7 +50,7 @@ def test_auto_keeps_every_pair_on_cuda_without_freezing():
     model = _model(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)).cuda()
     report = inductor_convbn.verify(model, _x(2, 4, 16, 16, device="cuda"))
     assert report.outputs_match and report.folded == 0 and report.kept == ["0"], report
-    assert report.pair_reports[0].reason == _registry.KEPT_BIAS_PEELED.format(device="CUDA")
+    assert report.pair_reports[0].reason == _pairs.KEPT_BIAS_PEELED.format(device="CUDA")
 
 
 ARITHMETIC = {
@@ -86,20 +86,20 @@ def test_freezing_folds_the_weights_once_at_compile_time(transposed):
     with inductor_convbn.installed(), torch.no_grad(), _compat.inductor_config.patch(config):
         out = torch.compile(model)(x)
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 1
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 1
     # Neither the BN's arithmetic nor the fold's is left for Inductor to run per call: the
     # folded weight and bias are constants.
     assert recorder.targets and not ARITHMETIC & set(recorder.targets), recorder.targets
 
 
 def test_joint_stage_folds_nothing_without_freezing():
-    fold_pass = inductor_convbn.ConvBnFoldPass(stage="joint")
+    fold_pass = inductor_convbn.ConvBnFoldPass(stage="freezing")
     model = _model(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6))
     graph = torch.fx.symbolic_trace(model).graph
     nodes = len(graph.nodes)
     fold_pass(graph)
     assert len(graph.nodes) == nodes
-    assert _compat.counters["inductor"]["inductor_convbn_folded"] == 0
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 0
 
 
 def _overflowing_half_model(device):
@@ -121,9 +121,9 @@ def test_freezing_skips_a_fold_that_overflows_the_dtype(device):
     x = (_x(2, 4, 8, 8) * 1e-5).to(device, torch.float16)
     report = inductor_convbn.verify(model, x, freezing=True)
     assert report.outputs_match and report.pairs == 1 and report.folded == 0, report
-    assert report.skipped == [("0", _registry.NOT_FINITE.format(dtype="float16"))]
+    assert report.skipped == [("0", _pairs.NOT_FINITE.format(dtype="float16"))]
     assert not report.missed and not report.kept
-    assert _compat.counters["inductor"]["inductor_convbn_unsafe"] == 1
+    assert _compat.counters["inductor"][_decide.COUNTER_UNSAFE] == 1
 
 
 def test_freezing_skips_a_fold_of_non_finite_statistics():
@@ -131,4 +131,4 @@ def test_freezing_skips_a_fold_of_non_finite_statistics():
     with torch.no_grad():
         model[1].running_var[2] = float("inf")
     report = inductor_convbn.verify(model, _x(2, 4, 8, 8), freezing=True)
-    assert report.folded == 0 and report.skipped == [("0", _registry.STATS_NOT_FINITE)], report
+    assert report.folded == 0 and report.skipped == [("0", _pairs.STATS_NOT_FINITE)], report

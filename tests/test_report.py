@@ -1,7 +1,9 @@
 """How the verifier gives each pair its status, and how the report reads."""
 
-from inductor_convbn._registry import Decision
-from inductor_convbn._report import NOT_MATCHED, FoldReport, _attribute, _module_name
+from inductor_convbn._decide import Decision
+from inductor_convbn._pairs import NOT_MATCHED
+from inductor_convbn._pairs import module_name as _module_name
+from inductor_convbn._report import FoldReport, _attribute
 
 PAIRS = [
     ("conv1", "bn1", "conv2d", ""),

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import inductor_convbn
-from inductor_convbn import fx, training
+from inductor_convbn import _pairs, fx, training
 from inductor_convbn.testing import randomize_batch_norm
 
 CONVS = {
@@ -359,15 +359,15 @@ def test_hazards_are_skipped_with_reasons():
     converted = inductor_convbn.memory_efficient(model)
     reasons = dict(inductor_convbn.memory_efficient_report(converted).skipped)
     assert reasons == {
-        "reused": fx.CONV_REUSED,
-        "two_users": training.OTHER_USERS,
-        "shared_bn_conv1": training.BN_REUSED,
-        "shared_bn_conv2": training.BN_REUSED,
-        "hooked": fx.HAS_HOOKS,
-        "deconv": training.NOT_A_CONV,
-        "functional_conv": training.FUNCTIONAL_BN,
-        "good": training.TENSORS_READ,
-        "fc": training.NOT_A_CONV,
+        "reused": _pairs.CONV_REUSED,
+        "two_users": _pairs.OTHER_USERS,
+        "shared_bn_conv1": _pairs.BN_REUSED,
+        "shared_bn_conv2": _pairs.BN_REUSED,
+        "hooked": _pairs.HAS_HOOKS,
+        "deconv": _pairs.NOT_A_CONV,
+        "functional_conv": _pairs.FUNCTIONAL_BN,
+        "good": _pairs.TENSORS_READ,
+        "fc": _pairs.NOT_A_CONV,
     }
     assert [
         p.conv
@@ -382,7 +382,7 @@ def test_sync_batch_norm_is_not_fused():
     model = nn.Sequential(nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4), nn.Conv1d(4, 4, 1))
     model[2] = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm3d(4))  # BN of the wrong rank
     report = inductor_convbn.memory_efficient_report(inductor_convbn.memory_efficient(model))
-    assert report.skipped == [("0", training.BN_TYPE), ("2.0", training.BN_TYPE)]
+    assert report.skipped == [("0", _pairs.BN_TYPE), ("2.0", _pairs.BN_TYPE)]
 
 
 def test_input_model_is_left_alone_unless_inplace():

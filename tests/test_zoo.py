@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import inductor_convbn
-from inductor_convbn import _compat, _report, fx
+from inductor_convbn import _compat, _pairs, _report, fx
 from inductor_convbn.testing import randomize_batch_norm, randomize_zero_weights, torchvision_model
 
 torchvision = pytest.importorskip("torchvision")
@@ -40,7 +40,7 @@ pytestmark = [
 ]
 
 # Why a pair of a well-formed eval model may be left unfolded; anything else fails the sweep.
-EXPECTED_SKIPS = {_report.NO_RUNNING_STATS, _report.OTHER_USERS, _report.BN_TRAINING}
+EXPECTED_SKIPS = {_pairs.NO_RUNNING_STATS, _pairs.OTHER_USERS, _pairs.BN_TRAINING}
 # Input sizes to try, smallest first: the model runs at the first one eager accepts.
 IMAGE_SIZES = (32, 64, 75, 96, 128, 160, 224, 300)  # 300: the SSD300 backbone
 
@@ -209,7 +209,7 @@ def check_model(entry: ZooModel, row: ZooRow) -> None:
     # the plugin's own count is exactly the pairs the independent count found eligible.
     not_eligible = [p for p in report.pair_reports if p.reason in EXPECTED_SKIPS]
     assert report.folded == report.pairs - len(not_eligible), report
-    assert all(p.status == _report.FOLDED for p in report.pair_reports if p not in not_eligible)
+    assert all(p.status == _pairs.FOLDED for p in report.pair_reports if p not in not_eligible)
     if _bn_modules(model) == 0:
         assert report.pairs == 0, report
 

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import fx
 from ._fold import fold_conv_bn_weights
+from ._modules import FuseError
 from ._pass import ConvBnFoldPass, install, installed, is_installed, uninstall
 from ._report import FoldReport, PairReport, verify
 from .training import (
@@ -29,6 +30,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "ConvBnFoldPass",
     "FoldReport",
+    "FuseError",
     "FusedConvBatchNorm1d",
     "FusedConvBatchNorm2d",
     "FusedConvBatchNorm3d",

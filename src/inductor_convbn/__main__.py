@@ -4,7 +4,7 @@
 conv -> bn pair; ``bench MODEL`` times plain ``torch.compile`` against ``torch.compile`` with the
 plugin. ``report`` is the default: ``python -m inductor_convbn resnet18`` reports on ResNet18.
 Argument parsing, model loading and printing only; the work is ``verify()`` and
-``_timing.compare_compiled``.
+``_harness.compare_compiled``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, _registry, _report, _timing, testing
+from . import __version__, _decide, _harness, _report, testing
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _COMMANDS = ("report", "bench")
@@ -72,7 +72,7 @@ def _model_options() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--policy",
-        choices=_registry.POLICIES,
+        choices=_decide.POLICIES,
         default="auto",
         help="auto: fold where it pays (default); always: fold every safe pair",
     )
@@ -322,8 +322,8 @@ def _report_json(
         "atol": report.atol,
         "outputs_match": report.outputs_match,
         "fx_graph_cache_hits": report.fx_graph_cache_hits,
-        "pass_s": _registry.pass_time.total_s,
-        "pass_tracing_s": _registry.pass_time.tracing_s,
+        "pass_s": _decide.pass_time.total_s,
+        "pass_tracing_s": _decide.pass_time.tracing_s,
         "timing": timing,
         "pair_reports": [dataclasses.asdict(p) for p in report.pair_reports],
     }
@@ -333,7 +333,7 @@ def _time(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor) -> 
     rounds = getattr(args, "rounds", 7)
     calls = getattr(args, "calls", 5)
     with _progress("timing plain torch.compile against torch.compile + plugin"):
-        return _timing.compare_compiled(
+        return _harness.compare_compiled(
             model, x, policy=args.policy, freezing=args.freezing, rounds=rounds, calls=calls
         )
 
@@ -353,8 +353,8 @@ def _run_report(args: argparse.Namespace) -> int:
     if not args.json:
         print(report, flush=True)
         print(
-            f"plugin pass: {_registry.pass_time.total_s:.2f} s of compile time "
-            f"({_registry.pass_time.tracing_s:.2f} s tracing patterns)",
+            f"plugin pass: {_decide.pass_time.total_s:.2f} s of compile time "
+            f"({_decide.pass_time.tracing_s:.2f} s tracing patterns)",
             flush=True,
         )
     timing = None if args.no_timing else _time(args, model, x)

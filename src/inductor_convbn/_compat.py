@@ -107,11 +107,17 @@ def register_pattern(
     registered = bool(
         register_replacement(search_fn, replace_fn, example_inputs, fwd_only, pass_dict, **kwargs)
     )
-    if early_check is not None:
-        for entries in _pattern_entries(pass_dict):
-            for entry in entries:
-                if id(entry) not in before:
-                    entry.extra_check = _checked_first(early_check, entry.extra_check)
+    if early_check is not None and registered:
+        new = [e for entries in _pattern_entries(pass_dict) for e in entries if id(e) not in before]
+        if not new:
+            # The checks that keep an unsafe fold from being made would not run.
+            raise RuntimeError(
+                "inductor_convbn: register_replacement registered a pattern, but no new entry "
+                "is in PatternMatcherPass.patterns; this torch release stores patterns "
+                "differently, and inductor_convbn needs updating for it"
+            )
+        for entry in new:
+            entry.extra_check = _checked_first(early_check, entry.extra_check)
     return registered
 
 
@@ -148,9 +154,23 @@ def _exact_pattern(
 
 
 def _pattern_entries(pass_dict: PatternMatcherPass) -> list[list[Any]]:
-    # PatternMatcherPass.patterns: {(op, target): [PatternEntry, ...]} (torch >= 2.1).
+    """The pattern entries of ``pass_dict``, each with its ``extra_check``.
+
+    ``PatternMatcherPass.patterns``: ``{(op, target): [PatternEntry, ...]}`` (torch >= 2.1).
+    A release that keeps them otherwise raises here: without the entries the plugin's
+    checks could not be attached, and every match would fold unchecked.
+    """
     patterns = getattr(pass_dict, "patterns", None)
-    return list(patterns.values()) if isinstance(patterns, dict) else []
+    if not isinstance(patterns, dict) or not all(
+        isinstance(entries, list) and all(hasattr(e, "extra_check") for e in entries)
+        for entries in patterns.values()
+    ):
+        raise RuntimeError(
+            "inductor_convbn: PatternMatcherPass.patterns is not {(op, target): [entry, ...]} "
+            f"on torch {torch.__version__} (found {type(patterns).__name__}); the plugin's "
+            "checks cannot be attached, and it will not fold unchecked"
+        )
+    return list(patterns.values())
 
 
 def _checked_first(

@@ -4,52 +4,71 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import _compat, _pregrad, _registry
+from . import _compat, _decide, _pregrad, _registry
 
-__all__ = ["ConvBnFoldPass", "install", "installed", "is_installed", "uninstall"]
+__all__ = [
+    "HOOKS",
+    "ConvBnFoldPass",
+    "install",
+    "installed",
+    "is_installed",
+    "saved_state",
+    "source_hash",
+    "uninstall",
+]
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-# The files whose content decides what the pass does; their hash is the pass's cache key.
-_SOURCE_FILES = tuple(
-    os.path.join(_PACKAGE_DIR, name)
-    for name in ("_compat.py", "_fold.py", "_registry.py", "_pregrad.py", "_pass.py")
-)
+PACKAGE_DIR = Path(__file__).resolve().parent
 
-
-# The Inductor config field each stage of the pass hooks into.
-_HOOKS = {
-    "grad": "pre_grad_custom_pass",
-    "joint": "joint_custom_post_pass",
-    "post_grad": "post_grad_custom_post_pass",
+#: The Inductor config field each stage of the plugin hooks into.
+HOOKS = {
+    "grad": "pre_grad_custom_pass",  # dynamo's graph, before AOT autograd
+    "freezing": "joint_custom_post_pass",  # before freezing makes parameters constants
+    "per_call": "post_grad_custom_post_pass",  # the graph Inductor lowers
 }
+# The stage names of 0.1.0, which named two stages after their hooks.
+_OLD_STAGE_NAMES = {"joint": "freezing", "post_grad": "per_call"}
+
+
+def source_hash(package_dir: Path = PACKAGE_DIR) -> bytes:
+    """The hash of every source file of the package: what the pass does is decided by
+    them all, so each is part of the pass's cache key."""
+    return _compat.get_hash_for_files(tuple(str(p) for p in sorted(package_dir.rglob("*.py"))))
 
 
 class ConvBnFoldPass(_compat.CustomGraphPass):
     """Runs the pass that was installed before it (if any), then folds conv -> batch_norm.
 
-    One instance per stage: ``"grad"`` runs on dynamo's graph, before AOT autograd, and
-    folds pairs that gradients flow through, differentiably (``_pregrad``); it folds under
-    every policy, since there the fold also saves the memory of the conv output.
-    ``"joint"`` runs on the graph AOT autograd hands Inductor, before
-    freezing turns parameters into constants, and folds only pairs whose parameters freezing
-    will make constants, so their folded weights are computed once, at compile time.
-    ``"post_grad"`` runs on the graph Inductor lowers, where a fold is recomputed on every
-    call, from the live parameters; ``policy`` (``_registry.POLICIES``) says where that pays.
+    One instance per stage (``HOOKS``): ``"grad"`` runs on dynamo's graph, before AOT
+    autograd, and folds pairs that gradients flow through, differentiably (``_pregrad``);
+    it folds under every policy, since there the fold also saves the memory of the conv
+    output. ``"freezing"`` runs on the graph AOT autograd hands Inductor, before freezing
+    turns parameters into constants, and folds only pairs whose parameters freezing will
+    make constants, so their folded weights are computed once, at compile time.
+    ``"per_call"`` runs on the graph Inductor lowers, where a fold is recomputed on every
+    call, from the live parameters; ``policy`` (``_decide.POLICIES``) says where that pays.
 
     Being a ``CustomGraphPass`` with a ``uuid()`` keeps Inductor's FX graph cache on: a
     bare function as a custom pass makes every compile bypass the cache.
     """
 
-    def __init__(self, previous: Any = None, *, stage: str = "post_grad", policy: str = "auto"):
-        _registry.check_choice("stage", stage, _registry.STAGES)
-        _registry.check_choice("policy", policy, _registry.POLICIES)
+    def __init__(self, previous: Any = None, *, stage: str = "per_call", policy: str = "auto"):
+        if isinstance(stage, str) and stage in _OLD_STAGE_NAMES:
+            warnings.warn(
+                f"stage {stage!r} is now called {_OLD_STAGE_NAMES[stage]!r}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            stage = _OLD_STAGE_NAMES[stage]
+        _decide.check_choice("stage", stage, _decide.STAGES)
+        _decide.check_choice("policy", policy, _decide.POLICIES)
         self.previous = previous
         self.stage = stage
         self.policy = policy
@@ -66,10 +85,12 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
             other(graph)
         if self.stage == "grad":
             _pregrad.fold_for_grad(graph)
-            return
-        if self.stage == "joint" and not _compat.frozen_parameters():
-            return
-        _registry.fold(graph, stage=self.stage, policy=self.policy)
+        elif self.stage == "freezing":
+            frozen = _compat.frozen_parameters()
+            if frozen:
+                _registry.fold_frozen(graph, frozen)
+        else:
+            _registry.fold_per_call(graph, policy=self.policy)
 
     def uuid(self) -> Any:
         others = []
@@ -80,7 +101,7 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
             if other_uuid is None:
                 return None
             others.append(other_uuid)
-        return (_compat.get_hash_for_files(_SOURCE_FILES), self.stage, self.policy, *others)
+        return (source_hash(), self.stage, self.policy, *others)
 
 
 _lock = threading.RLock()
@@ -106,9 +127,9 @@ def install(policy: str = "auto") -> None:
     (``_compat.CONFIG_IS_THREAD_LOCAL``), this applies to the calling thread: call it in
     the thread that compiles.
     """
-    _registry.check_choice("policy", policy, _registry.POLICIES)
+    _decide.check_choice("policy", policy, _decide.POLICIES)
     with _lock:
-        for stage, field in _HOOKS.items():
+        for stage, field in HOOKS.items():
             current = getattr(_compat.inductor_config, field)
             if isinstance(current, ConvBnFoldPass):
                 if current.policy == policy:
@@ -127,7 +148,7 @@ def uninstall() -> None:
     another library replaced one of our passes since, rather than dropping its pass.
     """
     with _lock:
-        current = {field: getattr(_compat.inductor_config, field) for field in _HOOKS.values()}
+        current = {field: getattr(_compat.inductor_config, field) for field in HOOKS.values()}
         replaced = [f for f, p in current.items() if not isinstance(p, ConvBnFoldPass)]
         if replaced and _installed_here.get() is not None:
             raise RuntimeError(
@@ -144,13 +165,13 @@ def is_installed() -> bool:
     """Whether the fold passes are Inductor's current custom passes."""
     return all(
         isinstance(getattr(_compat.inductor_config, field), ConvBnFoldPass)
-        for field in _HOOKS.values()
+        for field in HOOKS.values()
     )
 
 
 def installed_policy() -> str | None:
     """The policy of the installed passes, None when not installed."""
-    current = _compat.inductor_config.post_grad_custom_post_pass
+    current = getattr(_compat.inductor_config, HOOKS["per_call"])
     return current.policy if isinstance(current, ConvBnFoldPass) and is_installed() else None
 
 
@@ -168,3 +189,19 @@ def installed(policy: str = "auto") -> Iterator[None]:
                 uninstall()
             else:
                 install(previous_policy)
+
+
+@contextlib.contextmanager
+def saved_state() -> Iterator[None]:
+    """Put every hook, and whether this context installed the plugin, back as they were
+    on entry, whatever the block did: the test suite's reset between tests."""
+    with _lock:
+        hooks = {field: getattr(_compat.inductor_config, field) for field in HOOKS.values()}
+        mark = _installed_here.get()
+    try:
+        yield
+    finally:
+        with _lock:
+            for field, value in hooks.items():
+                setattr(_compat.inductor_config, field, value)
+            _installed_here.set(mark)

@@ -2,7 +2,7 @@
 
 When a compiled graph needs gradients (an eval model called without ``torch.no_grad()``,
 or frozen-BN fine-tuning), AOT autograd saves the conv output for the BN's backward, so
-the post-grad stage finds the conv output used twice and cannot fold. This stage runs
+the per-call stage finds the conv output used twice and cannot fold. This stage runs
 before AOT autograd, on the graph dynamo captured, and replaces ``batch_norm(conv(x, w,
 b))`` with ``conv(x, w', b')`` where ``w', b'`` are computed from ``w``, ``b`` and the BN
 tensors by ``fold_conv_bn_weights``, a differentiable function: gradients reach the conv
@@ -11,43 +11,16 @@ weight and the BN's affine parameters, and the conv output need not be saved.
 
 from __future__ import annotations
 
-import inspect
 import operator
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 
+from . import _decide, _pairs
 from ._fold import fold_conv_bn_weights
-from ._registry import Decision, _record, describe_node, pass_time
 
-__all__ = ["FLOAT16_FOR_GRAD", "FOLDED_FOR_GRAD", "fold_for_grad"]
-
-FOLDED_FOR_GRAD = "into the weight, differentiably, in a graph that needs gradients"
-FLOAT16_FOR_GRAD = (
-    "float16 in a graph that needs gradients: the folded weight can overflow float16 where "
-    "conv and BN apart do not, and its values are not known when compiling"
-)
-
-_CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_TRANSPOSE_PARAMS = (
-    "input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation",
-)  # fmt: skip
-# The layer calls of dynamo's graph (torch.nn.functional.conv2d is torch.conv2d), and the
-# names of their parameters: builtins have no signature to bind to.
-_LAYERS: dict[Any, tuple[str, ...]] = {
-    torch.conv1d: _CONV_PARAMS,
-    torch.conv2d: _CONV_PARAMS,
-    torch.conv3d: _CONV_PARAMS,
-    torch.conv_transpose1d: _CONV_TRANSPOSE_PARAMS,
-    torch.conv_transpose2d: _CONV_TRANSPOSE_PARAMS,
-    torch.conv_transpose3d: _CONV_TRANSPOSE_PARAMS,
-    F.linear: ("input", "weight", "bias"),
-}
-_TRANSPOSED = (torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d)
-_BN_SIGNATURE = inspect.signature(F.batch_norm)
+__all__ = ["fold_for_grad"]
 
 
 def _example(node: Any) -> Any:
@@ -59,77 +32,77 @@ def _requires_grad(node: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
 
 
-def _bind(node: torch.fx.Node, names: tuple[str, ...]) -> dict[str, Any] | None:
-    if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
-        return None
-    return {**dict(zip(names, node.args, strict=False)), **node.kwargs}
-
-
 def fold_for_grad(graph: torch.fx.Graph) -> int:
     """Fold each eval conv -> batch_norm pair of a dynamo graph that gradients flow through.
 
     Does nothing when grad mode is off: AOT autograd then builds an inference graph, and
-    the post-grad stage folds there. Returns how many pairs it folded.
+    the later stages fold there. Returns how many pairs it folded.
     """
     if not torch.is_grad_enabled():
         return 0
-    start = time.perf_counter()
-    count = 0
-    for bn in list(graph.nodes):
-        if bn.op != "call_function" or bn.target is not F.batch_norm:
-            continue
-        layer = bn.args[0] if bn.args else bn.kwargs.get("input")
-        if not isinstance(layer, torch.fx.Node) or layer.op != "call_function":
-            continue
-        names = _LAYERS.get(layer.target)
-        if names is None or len(layer.users) > 1:
-            continue
-        conv = _bind(layer, names)
-        if conv is None:
-            continue
-        bound = _BN_SIGNATURE.bind(*bn.args, **bn.kwargs)
-        bound.apply_defaults()
-        norm = bound.arguments
-        if norm["training"] is not False or norm["running_mean"] is None:
-            continue
-        if norm["running_var"] is None or not isinstance(norm["eps"], (int, float)):
-            continue
-        if layer.target is F.linear and getattr(_example(layer), "ndim", None) != 2:
-            continue  # BN normalises dim 1, the features only of a 2-D linear output
-        tensors = (conv["input"], conv["weight"], conv.get("bias"), norm["weight"], norm["bias"])
-        if not any(_requires_grad(t) for t in tensors):
-            continue  # no gradient goes through this pair: the post-grad stage sees it
-        groups = conv.get("groups", 1)
-        if not isinstance(groups, int):
-            continue
-        if getattr(_example(layer), "dtype", None) == torch.float16:  # also fp16 autocast
-            _record(Decision(describe_node(layer), False, FLOAT16_FOR_GRAD, unsafe=True))
-            continue
-        with graph.inserting_before(layer):
-            # Traced by AOT autograd, which records the fold's ops and their backward.
-            folded = graph.call_function(
-                fold_conv_bn_weights,
-                (
-                    conv["weight"], conv.get("bias"), norm["running_mean"], norm["running_var"],
-                    float(norm["eps"]), norm["weight"], norm["bias"],
-                ),
-                {"transposed": layer.target in _TRANSPOSED, "groups": groups},
-            )  # fmt: skip
-            weight = graph.call_function(operator.getitem, (folded, 0))
-            bias = graph.call_function(operator.getitem, (folded, 1))
-            conv.update(weight=weight, bias=bias)
-            given = [n for n in names if n in conv]
-            positional = names[: next((i for i, n in enumerate(names) if n not in conv), None)]
-            new_layer = graph.call_function(
-                cast(Callable[..., Any], layer.target),
-                tuple(conv[n] for n in positional),
-                {n: conv[n] for n in given if n not in positional},
-            )
-        new_layer.meta = dict(layer.meta)
-        bn.replace_all_uses_with(new_layer)
-        graph.erase_node(bn)
-        graph.erase_node(layer)
-        _record(Decision(describe_node(new_layer), True, FOLDED_FOR_GRAD))
-        count += 1
-    pass_time.total_s += time.perf_counter() - start
-    return count
+    with _decide.pass_time.timing():
+        return sum(_fold_pair(graph, bn) for bn in list(graph.nodes))
+
+
+def _fold_pair(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
+    """Fold the pair ending at ``bn`` when it is one this stage folds; say whether it did."""
+    if bn.op != "call_function" or bn.target not in _pairs.BATCH_NORM_FUNCTIONS:
+        return False
+    norm = _pairs.bind_batch_norm(bn.target, bn.args, bn.kwargs)
+    layer = norm["input"]
+    if not isinstance(layer, torch.fx.Node) or layer.op != "call_function":
+        return False
+    kind = _pairs.layer_kind_of_function(layer.target)
+    if kind is None:
+        return False
+    try:
+        conv = _pairs.bind_layer(kind, layer.args, layer.kwargs)
+    except ValueError:
+        return False
+    output = _example(layer)
+    reason = _pairs.reason_not_to_fold(
+        kind,
+        has_running_stats=norm["running_mean"] is not None and norm["running_var"] is not None,
+        training=norm["training"],
+        other_users=len(layer.users) > 1,
+        output_rank=output.dim() if isinstance(output, torch.Tensor) else None,
+    )
+    groups = conv.get("groups", 1)
+    if reason or not isinstance(norm["eps"], (int, float)) or not isinstance(groups, int):
+        return False  # the verifier reports it; the later stages do not fold it either
+    tensors = (conv["input"], conv["weight"], conv.get("bias"), norm["weight"], norm["bias"])
+    if not any(_requires_grad(t) for t in tensors):
+        return False  # no gradient goes through this pair: the later stages see it
+    unsafe = _decide.unsafe_unknown_values(getattr(output, "dtype", None), for_grad=True)
+    if unsafe:  # float16, also under autocast
+        where = _pairs.describe_node(layer)
+        _decide.record(_decide.Decision(where, False, unsafe, unsafe=True))
+        return False
+    with graph.inserting_before(layer):
+        # Traced by AOT autograd, which records the fold's ops and their backward.
+        folded = graph.call_function(
+            fold_conv_bn_weights,
+            (
+                conv["weight"], conv.get("bias"), norm["running_mean"], norm["running_var"],
+                float(norm["eps"]), norm["weight"], norm["bias"],
+            ),
+            {"transposed": kind.transposed, "groups": groups},
+        )  # fmt: skip
+        weight = graph.call_function(operator.getitem, (folded, 0))
+        bias = graph.call_function(operator.getitem, (folded, 1))
+        conv.update(weight=weight, bias=bias)
+        names = kind.params
+        given = [n for n in names if n in conv]
+        positional = names[: next((i for i, n in enumerate(names) if n not in conv), None)]
+        new_layer = graph.call_function(
+            cast(Callable[..., Any], layer.target),
+            tuple(conv[n] for n in positional),
+            {n: conv[n] for n in given if n not in positional},
+        )
+    new_layer.meta = dict(layer.meta)
+    bn.replace_all_uses_with(new_layer)
+    graph.erase_node(bn)
+    graph.erase_node(layer)
+    where = _pairs.describe_node(new_layer)
+    _decide.record(_decide.Decision(where, True, _pairs.FOLDED_FOR_GRAD))
+    return True

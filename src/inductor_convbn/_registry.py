@@ -18,76 +18,17 @@ import contextvars
 import dataclasses
 import functools
 import inspect
-import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
-from . import _compat
+from . import _compat, _decide, _pairs
 from ._fold import fold_conv_bn_weights
 
 aten = torch.ops.aten
-
-#: ``"auto"`` folds where folding pays: every pair under freezing (the folded weights
-#: become constants, computed once) and, without freezing, only pairs where folding every
-#: call costs less than the batch norm it removes. ``"always"`` folds every safe pair.
-POLICIES = ("auto", "always")
-#: Where the pass runs: ``"grad"`` on dynamo's graph before AOT autograd, in graphs that
-#: need gradients (``_pregrad``); ``"joint"`` before Inductor freezes parameters into
-#: constants (so the fold is constant-folded); ``"post_grad"`` on the graph Inductor lowers.
-STAGES = ("grad", "joint", "post_grad")
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    """A ``TypeError`` for a value that is not a string, a ``ValueError`` for another string."""
-    if not isinstance(value, str):
-        raise TypeError(
-            f"{name} must be a str, one of {choices}, got {type(value).__name__} {value!r}"
-        )
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    """What the pass did with one matched pair."""
-
-    layer: str  # where the layer sits, ``describe_node``
-    folded: bool
-    reason: str = ""  # how a pair was folded, or why it was not
-    unsafe: bool = False  # not folded because the fold would change results
-
-
-FOLDED_ONCE = "once, at compile time (freezing)"
-FOLDED_PER_CALL = "recomputed every call, from the live parameters"
-
-
-# Decisions since the last take_decisions(), recorded by the pattern's check.
-_decisions: list[Decision] = []
-_decisions_lock = threading.Lock()
-
-
-@dataclasses.dataclass
-class _Run:
-    """The fold() call in progress, read by the pattern's checks."""
-
-    stage: str
-    policy: str
-    # Inputs freezing turns into constants, with their values: a fold of those alone is
-    # computed once, and can be checked before it is made.
-    frozen: dict[torch.fx.Node, torch.Tensor] = dataclasses.field(default_factory=dict)
-    # Layers already kept: a pair kept at its BN's last node is seen again at an earlier
-    # node, where the template without BN affine matches the head of the same BN.
-    kept: set[torch.fx.Node] = dataclasses.field(default_factory=set)
-
-
-_active: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
-    "inductor_convbn_active", default=None
-)
 
 PATTERNS = _compat.PatternMatcherPass(pass_name="inductor_convbn")
 
@@ -229,152 +170,106 @@ def _example_inputs(
     return [by_name[n] for n in t.tensor_args()]
 
 
-def describe_node(node: torch.fx.Node) -> str:
-    """Where a layer sits in the user's model, e.g. ``layer1.0.conv1``, from fx metadata.
+# --- Judging a match ----------------------------------------------------------------------
 
-    Dynamo records the module path in ``nn_module_stack`` and AOT autograd keeps it on the
-    aten nodes, so the verifier's independent count and this pass name a pair alike.
-    """
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return _normalize_module_path(path)
-    return node.name
+# The fold's tensor arguments, by the names the templates give them.
+_FOLD_ARGS = ("w", "b", "mean", "var", "gamma", "beta")
+# On a layer node the freezing stage found unsafe to fold: its reason, so that the per-call
+# stage, which sees the same node under freezing, leaves it alone without asking again.
+_UNSAFE_META = "inductor_convbn_unsafe"
 
-
-def _normalize_module_path(path: str) -> str:
-    path = re.sub(r"^[LG]\['[^']*'\]", "", path)  # the root: a local or a global
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", path)
-    return path.lstrip(".") or "<root>"
+# A judge says what to do with a match: fold it (True, None); leave it to a later stage
+# (False, None); or keep it unfolded for a reason (False, the decision to record).
+Judgement = tuple[bool, "_decide.Decision | None"]
+Judge = Callable[[_compat.Match, torch.fx.Node], Judgement]
 
 
-# Why a pair is kept unfolded under the "auto" policy without freezing.
-KEPT_BIAS_PEELED = (
-    "on {device}, Inductor adds a conv bias in a pointwise kernel just as it applies "
-    "the BN, so folding every call only adds work (compile with freezing to fold once)"
+@dataclasses.dataclass
+class _Run:
+    """The stage in progress, read by the pattern's checks."""
+
+    judge: Judge
+    how: str  # the reason a fold made here is recorded with
+    # Layers already judged unfolded: a pair kept at its BN's last node is seen again at an
+    # earlier node, where the template without BN affine matches the head of the same BN.
+    kept: set[torch.fx.Node] = dataclasses.field(default_factory=set)
+
+
+_active: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
+    "inductor_convbn_active", default=None
 )
-KEPT_FUSED = (
-    "the BN runs inside the next pointwise kernel ({user}), so folding every call "
-    "costs more than it saves (compile with freezing to fold once)"
-)
-KEPT_LARGE_WEIGHT = (
-    "the weight ({weight} elements) outweighs the output ({output}), so folding every "
-    "call costs more than it saves (compile with freezing to fold once)"
-)
-
-
-def per_call_cost_reason(layer: torch.fx.Node, output: torch.fx.Node) -> str:
-    """Why folding this pair on every call would cost more than the BN; "" if it pays.
-
-    Without freezing the replacement refolds the weight from the live parameters each
-    call: one read and one write of the weight. Removing the BN saves its pass over the
-    output only where that pass would run on its own, and only on CPU, where the folded
-    bias goes into the conv kernel.
-    """
-    value = layer.meta.get("val")
-    if not isinstance(value, torch.Tensor):
-        return ""
-    if value.device.type != "cpu":
-        return KEPT_BIAS_PEELED.format(device=value.device.type.upper())
-    users = list(output.users)
-    if users and all(torch.Tag.pointwise in getattr(u.target, "tags", ()) for u in users):
-        return KEPT_FUSED.format(user=", ".join(str(u.target).split(".")[-2] for u in users))
-    weight = layer.args[1] if layer.target is aten.convolution.default else layer.args[-1]
-    weight_value = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
-    if not isinstance(weight_value, torch.Tensor):
-        return ""
-    weight_numel = _compat.int_hint(weight_value.numel())
-    output_numel = _compat.int_hint(value.numel())
-    if weight_numel is None or output_numel is None or weight_numel <= output_numel:
-        return ""
-    return KEPT_LARGE_WEIGHT.format(weight=weight_numel, output=output_numel)
 
 
 def _layer_node(match: _compat.Match) -> torch.fx.Node:
     return next(n for n in match.nodes if n.target in _LAYER_TARGETS)
 
 
-def _record(decision: Decision) -> None:
-    with _decisions_lock:
-        _decisions.append(decision)
-    counter = (
-        "inductor_convbn_folded"
-        if decision.folded
-        else "inductor_convbn_unsafe"
-        if decision.unsafe
-        else "inductor_convbn_kept"
-    )
-    _compat.counters["inductor"][counter] += 1
+def _layer_hyper(layer: torch.fx.Node) -> dict[str, Any]:
+    if layer.target is aten.convolution.default:
+        return {"transposed": bool(layer.args[6]), "groups": cast(int, layer.args[8])}
+    return {"transposed": False, "groups": 1}
 
 
-def _check_policy(match: _compat.Match) -> bool:
-    """Keep a pair the policy says not to fold; runs before the costly exact re-match."""
-    run = _active.get()
-    if run is None:
-        return True
-    layer = _layer_node(match)
-    if layer in run.kept:
-        return False
-    if run.stage == "joint":
-        # Fold here only what freezing will fold into constants; the rest is left to the
-        # post-grad stage, which decides on the cost of folding it every call.
-        params = [v for k, v in match.kwargs.items() if k != "x" and isinstance(v, torch.fx.Node)]
-        if not all(p in run.frozen for p in params):
-            return False
-        reason = _not_finite_reason(match, layer, run.frozen)
-        if reason:
-            run.kept.add(layer)
-            _record(Decision(describe_node(layer), False, reason, unsafe=True))
-        return not reason
-    unsafe = _per_call_unsafe_reason(match, layer)
-    if unsafe is not None:
-        run.kept.add(layer)
-        if unsafe:  # "": the joint stage already said why
-            _record(Decision(describe_node(layer), False, unsafe, unsafe=True))
-        return False
-    if run.policy != "auto":
-        return True
-    reason = per_call_cost_reason(layer, match.output_node())
-    if reason:
-        run.kept.add(layer)
-        _record(Decision(describe_node(layer), False, reason))
-    return not reason
-
-
-NOT_FINITE = "the folded weight or bias is not finite in {dtype}: folding would change results"
-STATS_NOT_FINITE = "the BN statistics or parameters are not finite"
-FLOAT16_PER_CALL = (
-    "float16 without freezing: the folded weight can overflow float16 where conv and BN "
-    "apart do not, and its values are not known when compiling (compile with freezing to "
-    "fold it once, checked)"
-)
-
-
-def _per_call_unsafe_reason(match: _compat.Match, layer: torch.fx.Node) -> str | None:
-    """Why a post-grad fold could change results: a reason, "" when the joint stage already
-    gave it, None when the fold is safe.
-
-    Under freezing the parameters are constants here, and the joint stage has checked their
-    fold; one it left unfolded is not folded per call either. Otherwise the values are only
-    known at run time, and a float16 fold can overflow (bfloat16 has float32's range).
-    """
-    constants: dict[torch.fx.Node, torch.Tensor] = {}
-    module = layer.graph.owning_module
+def _fold_tensors(
+    match: _compat.Match, value_of: Callable[[torch.fx.Node], torch.Tensor | None]
+) -> dict[str, torch.Tensor] | None:
+    """The match's fold arguments as tensors, when ``value_of`` knows every one; else None."""
+    tensors = {}
     for name in _FOLD_ARGS:
         node = match.kwargs.get(name)
         if isinstance(node, torch.fx.Node):
-            value = _constant(module, node)
+            value = value_of(node)
             if value is None:
-                constants = {}
-                break
-            constants[node] = value
-    if constants:
-        return "" if _not_finite_reason(match, layer, constants) else None
-    value = layer.meta.get("val")
-    if isinstance(value, torch.Tensor) and value.dtype == torch.float16:
-        return FLOAT16_PER_CALL
-    return None
+                return None
+            tensors[name] = value
+    return tensors
+
+
+def _judge_frozen(frozen: dict[torch.fx.Node, torch.Tensor]) -> Judge:
+    """The freezing stage folds a pair whose tensors freezing makes constants, and only
+    when the fold of their values changes no result; the rest is the per-call stage's."""
+
+    def judge(match: _compat.Match, layer: torch.fx.Node) -> Judgement:
+        tensors = _fold_tensors(match, frozen.get)
+        if tensors is None:
+            return False, None
+        eps = float(match.kwargs.get("eps", 0.0))
+        reason = _decide.unsafe_frozen(tensors, eps, **_layer_hyper(layer))
+        if not reason:
+            return True, None
+        layer.meta[_UNSAFE_META] = reason
+        return False, _decide.Decision(_pairs.describe_node(layer), False, reason, unsafe=True)
+
+    return judge
+
+
+def _judge_per_call(policy: str) -> Judge:
+    """The per-call stage folds a safe pair where ``policy`` says that pays."""
+
+    def judge(match: _compat.Match, layer: torch.fx.Node) -> Judgement:
+        if _UNSAFE_META in layer.meta:  # the freezing stage said why
+            return False, None
+        where = _pairs.describe_node(layer)
+        module = layer.graph.owning_module
+        # Under freezing the parameters are constants here and their fold can be checked;
+        # otherwise their values are only known at run time.
+        constants = _fold_tensors(match, lambda node: _constant(module, node))
+        if constants:
+            eps = float(match.kwargs.get("eps", 0.0))
+            reason = _decide.unsafe_frozen(constants, eps, **_layer_hyper(layer))
+        else:
+            value = layer.meta.get("val")
+            dtype = value.dtype if isinstance(value, torch.Tensor) else None
+            reason = _decide.unsafe_unknown_values(dtype, for_grad=False)
+        if reason:
+            return False, _decide.Decision(where, False, reason, unsafe=True)
+        if policy == "auto":
+            reason = _decide.per_call_cost(layer, match.output_node())
+            if reason:
+                return False, _decide.Decision(where, False, reason)
+        return True, None
+
+    return judge
 
 
 def _constant(module: torch.nn.Module | None, node: torch.fx.Node) -> torch.Tensor | None:
@@ -387,33 +282,20 @@ def _constant(module: torch.nn.Module | None, node: torch.fx.Node) -> torch.Tens
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _not_finite_reason(
-    match: _compat.Match, layer: torch.fx.Node, values: dict[torch.fx.Node, torch.Tensor]
-) -> str:
-    """Why folding these frozen values would change results; "" if it would not.
-
-    A fold in fp16 can overflow where the conv and the BN apart do not (a large BN scale,
-    a small activation); non-finite statistics would be spread into every weight.
-    """
-    k = match.kwargs
-    tensors = {
-        name: values[k[name]] for name in _FOLD_ARGS if isinstance(k.get(name), torch.fx.Node)
-    }
-    conv = layer.target is aten.convolution.default
-    with _compat.unset_fake_temporarily(), torch.no_grad():
-        if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
-            return STATS_NOT_FINITE
-        weight, bias = fold_conv_bn_weights(
-            tensors["w"], tensors.get("b"), tensors["mean"], tensors["var"],
-            float(k.get("eps", 0.0)), tensors.get("gamma"), tensors.get("beta"),
-            transposed=bool(conv and layer.args[6]), groups=cast(int, layer.args[8]) if conv else 1,
-        )  # fmt: skip
-        if bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all()):
-            return ""
-    return NOT_FINITE.format(dtype=str(weight.dtype).removeprefix("torch."))
-
-
-_FOLD_ARGS = ("w", "b", "mean", "var", "gamma", "beta")
+def _early_check(match: _compat.Match) -> bool:
+    """The stage's judgement; runs before the costly exact re-match."""
+    run = _active.get()
+    if run is None:
+        return True
+    layer = _layer_node(match)
+    if layer in run.kept:
+        return False
+    fold, decision = run.judge(match, layer)
+    if decision is not None or (not fold and _UNSAFE_META in layer.meta):
+        run.kept.add(layer)
+    if decision is not None:
+        _decide.record(decision)
+    return fold
 
 
 def _record_fold(match: _compat.Match) -> bool:
@@ -422,34 +304,24 @@ def _record_fold(match: _compat.Match) -> bool:
     The verifier reads the records to name each pair's outcome.
     """
     run = _active.get()
-    how = FOLDED_ONCE if run is not None and run.stage == "joint" else FOLDED_PER_CALL
-    _record(Decision(describe_node(_layer_node(match)), True, how))
+    how = _pairs.FOLDED_PER_CALL if run is None else run.how
+    _decide.record(_decide.Decision(_pairs.describe_node(_layer_node(match)), True, how))
     return True
-
-
-def take_decisions() -> list[Decision]:
-    """The decisions since the last call, oldest first."""
-    with _decisions_lock:
-        decisions = list(_decisions)
-        _decisions.clear()
-    return decisions
 
 
 @functools.cache
 def _register(t: FoldTemplate, dtype: torch.dtype, bn_dtype: torch.dtype, device: str) -> bool:
-    start = time.perf_counter()
     search, replace = _pattern_fns(t)
-    with _compat.pattern_tracing_mode():
+    with _decide.pass_time.timing("tracing_s"), _compat.pattern_tracing_mode():
         registered = _compat.register_pattern(
             search,
             replace,
             _example_inputs(t, dtype, bn_dtype, device),
             PATTERNS,
             extra_check=_record_fold,
-            early_check=_check_policy,
+            early_check=_early_check,
             scalar_workaround=t.scalar_args(),
         )
-    pass_time.tracing_s += time.perf_counter() - start
     return registered
 
 
@@ -496,30 +368,29 @@ def _layers_in(graph: torch.fx.Graph) -> set[tuple[tuple[str, int, bool, bool], 
     return found
 
 
-@dataclasses.dataclass
-class PassTime:
-    """Seconds this process spent in the pass: its share of compile time."""
+def fold_frozen(graph: torch.fx.Graph, frozen: list[torch.Tensor]) -> int:
+    """The freezing stage: fold the pairs whose tensors are among ``frozen``, the values
+    freezing turns the graph's first inputs into; return how many.
 
-    tracing_s: float = 0.0  # tracing templates (once per process and structure)
-    total_s: float = 0.0  # the whole pass, tracing included
+    Freezing's constant folding then computes each folded weight once, at compile time.
+    Every policy folds here: a fold computed once always pays.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders, frozen, strict=False))
+    return _apply(graph, _Run(_judge_frozen(values), _pairs.FOLDED_ONCE))
 
 
-pass_time = PassTime()
+def fold_per_call(graph: torch.fx.Graph, *, policy: str = "auto") -> int:
+    """The per-call stage: fold the safe pairs of ``graph`` that ``policy`` says to, each
+    recomputed every call from the live parameters; return how many."""
+    return _apply(graph, _Run(_judge_per_call(policy), _pairs.FOLDED_PER_CALL))
 
 
-def fold(graph: torch.fx.Graph, *, stage: str = "post_grad", policy: str = "auto") -> int:
-    """Fold the eligible pairs in ``graph`` that ``policy`` says to; return how many."""
-    start = time.perf_counter()
-    register_for_graph(graph)
-    frozen: dict[torch.fx.Node, torch.Tensor] = {}
-    if stage == "joint":
-        values = _compat.frozen_parameters()
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        frozen = dict(zip(placeholders, values, strict=False))
-    token = _active.set(_Run(stage, policy, frozen))
-    try:
-        count = PATTERNS.apply(graph)
-    finally:
-        _active.reset(token)
-    pass_time.total_s += time.perf_counter() - start
-    return count
+def _apply(graph: torch.fx.Graph, run: _Run) -> int:
+    with _decide.pass_time.timing():
+        register_for_graph(graph)
+        token = _active.set(run)
+        try:
+            return PATTERNS.apply(graph)
+        finally:
+            _active.reset(token)

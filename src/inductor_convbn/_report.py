@@ -3,53 +3,17 @@ independently of the pattern matcher, run it, and compare with eager."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import inspect
-import itertools
 import threading
-from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from . import _compat, _pass, _registry
+from . import _compat, _decide, _harness, _pairs
+from ._pairs import FOLDED, KEPT, NOT_MATCHED, SKIPPED, PairReport
 
 __all__ = ["FoldReport", "PairReport", "find_pairs", "verify"]
-
-FOLDED = "folded"
-SKIPPED = "skipped"  # folding would change results
-KEPT = "kept"  # safe to fold, but the policy judged it not worth it
-NOT_MATCHED = "eligible, but the pattern did not match"
-# Why a pair is not folded; the FX fuser uses the same words.
-NO_RUNNING_STATS = "BN has no running statistics (track_running_stats=False)"
-BN_TRAINING = "BN is in training mode"
-OTHER_USERS = "conv output has other users"
-LINEAR_NOT_2D = "linear output is not 2-D: BN normalises dim 1, not the output features"
-
-# Layer calls as dynamo records them (torch.nn.functional.conv2d is torch.conv2d).
-_LAYER_FNS: dict[Any, str] = {
-    torch.conv1d: "conv1d",
-    torch.conv2d: "conv2d",
-    torch.conv3d: "conv3d",
-    torch.conv_transpose1d: "conv_transpose1d",
-    torch.conv_transpose2d: "conv_transpose2d",
-    torch.conv_transpose3d: "conv_transpose3d",
-    F.linear: "linear",
-}
-_BN_FNS = (F.batch_norm,)
-_BN_SIGNATURE = inspect.signature(F.batch_norm)
-_LAYER_MODULES: tuple[tuple[type, str], ...] = (
-    (torch.nn.Conv1d, "conv1d"),
-    (torch.nn.Conv2d, "conv2d"),
-    (torch.nn.Conv3d, "conv3d"),
-    (torch.nn.ConvTranspose1d, "conv_transpose1d"),
-    (torch.nn.ConvTranspose2d, "conv_transpose2d"),
-    (torch.nn.ConvTranspose3d, "conv_transpose3d"),
-    (torch.nn.Linear, "linear"),
-)
 
 # Tolerances against eager per output dtype (TF32 off). The folded conv rounds differently
 # from conv followed by BN, and the difference grows with depth.
@@ -62,21 +26,9 @@ DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 
 
 @dataclasses.dataclass
-class PairReport:
-    """One conv -> batch_norm pair of the model's graph."""
-
-    conv: str  # where the conv sits, e.g. "layer1.0.conv1"
-    bn: str
-    kind: str  # "conv2d", "conv_transpose1d", "linear", ...
-    status: str  # FOLDED, SKIPPED or KEPT
-    reason: str = ""
-
-
-@dataclasses.dataclass
-class FoldReport:
+class FoldReport(_pairs.PairTable):
     """What ``verify()`` found: every pair, which were folded, why the rest were not."""
 
-    pair_reports: list[PairReport]
     folded: int
     max_abs_error: float
     outputs_match: bool  # the compiled output is within (rtol, atol) of eager
@@ -90,19 +42,9 @@ class FoldReport:
     max_grad_error: float | None = None
 
     @property
-    def pairs(self) -> int:
-        """conv -> batch_norm pairs in the model's graph, counted without the pattern matcher."""
-        return len(self.pair_reports)
-
-    @property
     def missed(self) -> list[str]:
         """Pairs that could have been folded safely but were not: a plugin bug."""
         return [p.conv for p in self.pair_reports if p.reason == NOT_MATCHED]
-
-    @property
-    def skipped(self) -> list[tuple[str, str]]:
-        """``(where, reason)`` for each pair that was not folded."""
-        return [(p.conv, p.reason) for p in self.pair_reports if p.status != FOLDED]
 
     @property
     def kept(self) -> list[str]:
@@ -122,47 +64,36 @@ class FoldReport:
         )
         if self.fx_graph_cache_hits:
             head += f"; {self.fx_graph_cache_hits} graph(s) from the FX graph cache"
-        return format_pairs(head, self.pair_reports)
+        return _pairs.format_pairs(head, self.pair_reports)
 
 
-def format_pairs(head: str, pair_reports: Sequence[PairReport]) -> str:
-    """``head``, then one aligned row per pair: where, kind, status and reason."""
-    if not pair_reports:
-        return head
-    rows = [("conv", "bn", "kind", "status")] + [
-        (p.conv, p.bn, p.kind, p.status + (f": {p.reason}" if p.reason else ""))
-        for p in pair_reports
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [head]
-    for r in rows:
-        cells = (c.ljust(w) for c, w in zip(r[:3], widths, strict=True))
-        lines.append("  " + "  ".join(cells) + "  " + r[3])
-    return "\n".join(lines)
-
-
-def _layer_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+def _layer_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _pairs.LayerKind | None:
     if node.op == "call_function":
-        return _LAYER_FNS.get(node.target)
+        return _pairs.layer_kind_of_function(node.target)
     if node.op == "call_module":  # dynamo without nn-module inlining (torch < 2.5)
-        module = gm.get_submodule(str(node.target))
-        for cls, kind in _LAYER_MODULES:
-            if type(module) is cls:
-                return kind
+        return _pairs.layer_kind_of_module(gm.get_submodule(str(node.target)))
     return None
 
 
-def _bn_state(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[bool, Any] | None:
-    """``(has_running_stats, training)`` when ``node`` is a batch norm, else None."""
-    if node.op == "call_function" and node.target in _BN_FNS:
-        bound = _BN_SIGNATURE.bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        return bound.arguments["running_mean"] is not None, bound.arguments["training"]
+def _batch_norm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, Any] | None:
+    """``input``, ``has_running_stats`` and ``training`` of a batch norm node, else None."""
+    if node.op == "call_function" and node.target in _pairs.BATCH_NORM_FUNCTIONS:
+        arguments = _pairs.bind_batch_norm(node.target, node.args, node.kwargs)
+        return {
+            "input": arguments["input"],
+            "has_running_stats": arguments["running_mean"] is not None
+            and arguments["running_var"] is not None,
+            "training": arguments["training"],
+        }
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        if type(module) in _pairs.BATCH_NORM_MODULES:
             has_stats = module.running_mean is not None
-            return has_stats, module.training or not has_stats
+            return {
+                "input": node.args[0] if node.args else node.kwargs.get("input"),
+                "has_running_stats": has_stats,
+                "training": module.training or not has_stats,
+            }
     return None
 
 
@@ -171,65 +102,34 @@ def _rank(node: torch.fx.Node) -> int | None:
     return value.dim() if isinstance(value, torch.Tensor) else None
 
 
-def find_pairs(gm: torch.fx.GraphModule) -> list[tuple[str, str, str, str]]:
+Pair = tuple[str, str, str, str]  # (conv, bn, kind, reason)
+
+
+def find_pairs(gm: torch.fx.GraphModule) -> list[Pair]:
     """Every conv -> batch_norm pair of a dynamo graph: ``(conv, bn, kind, reason)``.
 
     ``reason`` is empty when the pair can be folded without changing results, else why not.
     This reads the graph dynamo captured, before AOT autograd and Inductor, so it does not
-    depend on the pattern matcher it checks.
+    depend on the pattern matcher it checks; it shares only the tables of ``_pairs``.
     """
     pairs = []
     for node in gm.graph.nodes:
-        state = _bn_state(gm, node)
-        if state is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        norm = _batch_norm(gm, node)
+        if norm is None or not isinstance(norm["input"], torch.fx.Node):
             continue
-        layer = node.args[0]
+        layer = norm["input"]
         kind = _layer_kind(gm, layer)
         if kind is None:
             continue
-        has_stats, training = state
-        if not has_stats:
-            reason = NO_RUNNING_STATS
-        elif training is not False:
-            reason = BN_TRAINING
-        elif len(layer.users) > 1:
-            reason = OTHER_USERS
-        elif kind == "linear" and _rank(layer) != 2:
-            reason = LINEAR_NOT_2D
-        else:
-            reason = ""
-        pairs.append((_registry.describe_node(layer), _registry.describe_node(node), kind, reason))
+        reason = _pairs.reason_not_to_fold(
+            kind,
+            has_running_stats=norm["has_running_stats"],
+            training=norm["training"],
+            other_users=len(layer.users) > 1,
+            output_rank=_rank(layer),
+        )
+        pairs.append((_pairs.describe_node(layer), _pairs.describe_node(node), kind.name, reason))
     return pairs
-
-
-def _fresh_callable(model: Callable[..., Any]) -> Callable[..., Any]:
-    """A wrapper with a code object of its own.
-
-    Dynamo keys its cache on code objects: compiling ``model`` itself could reuse code
-    compiled earlier for another instance of the same class, with or without the plugin.
-    """
-    namespace: dict[str, Any] = {"model": model}
-    code = compile(
-        "def run(*args, **kwargs):\n    return model(*args, **kwargs)\n",
-        f"<inductor_convbn.verify:{next(_wrapper_ids)}>",
-        "exec",
-    )
-    exec(code, namespace)
-    return namespace["run"]
-
-
-_wrapper_ids = itertools.count()
-
-
-@contextlib.contextmanager
-def _tf32_off() -> Iterator[None]:
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _max_abs_error(actual: Any, expected: Any) -> tuple[float, torch.dtype]:
@@ -249,51 +149,6 @@ def _max_abs_error(actual: Any, expected: Any) -> tuple[float, torch.dtype]:
             error = max(error, float(diff.max()) if diff.numel() else 0.0)
             dtype = e.dtype
     return error, dtype
-
-
-def compile_variant(
-    model: Callable[..., Any],
-    *,
-    plugin: bool = True,
-    dynamic: bool | None = None,
-    policy: str = "auto",
-    freezing: bool = False,
-) -> tuple[Callable[..., Any], list[tuple[str, str, str, str]]]:
-    """``torch.compile`` ``model``, with the plugin or without; also return the pairs its
-    graphs hold.
-
-    The pairs list fills when the compiled callable first runs. The plugin applies to this
-    compile only. ``freezing`` applies to the first call, under ``no_grad``: dynamo must
-    trace with freezing on to hand parameters over as constants, so it is set around that
-    call, not just around Inductor's compile.
-    """
-    pairs: list[tuple[str, str, str, str]] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-        pairs.extend(find_pairs(gm))
-        plugin_cm = _pass.installed(policy) if plugin else contextlib.nullcontext()
-        with plugin_cm:
-            return _compat.compile_fx(gm, example_inputs)
-
-    compiled = torch.compile(_fresh_callable(model), backend=backend, dynamic=dynamic)
-    if freezing:
-        compiled = _FirstCallPatched(compiled, freezing=True)
-    return compiled, pairs
-
-
-class _FirstCallPatched:
-    """Calls ``fn`` with Inductor's config patched for its first call (the compile) only."""
-
-    def __init__(self, fn: Callable[..., Any], **config: Any) -> None:
-        self.fn = fn
-        self.config: dict[str, Any] | None = config
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.config is None:
-            return self.fn(*args, **kwargs)
-        config, self.config = self.config, None
-        with _compat.inductor_config.patch(config):
-            return self.fn(*args, **kwargs)
 
 
 _verify_lock = threading.RLock()
@@ -328,7 +183,7 @@ def verify(
         raise TypeError(f"verify() takes an nn.Module, got {type(model).__name__}{hint}")
     if not example_inputs:
         raise TypeError("verify() needs at least one example input")
-    _registry.check_choice("policy", policy, _registry.POLICIES)
+    _decide.check_choice("policy", policy, _decide.POLICIES)
     if not isinstance(freezing, bool):
         raise TypeError(f"freezing must be a bool, got {type(freezing).__name__} {freezing!r}")
     if not isinstance(grad, bool):
@@ -341,19 +196,24 @@ def verify(
     # The counters and the pass's records are process-wide: one verify() at a time reads
     # them, so that calls from several threads don't count each other's folds.
     with _verify_lock:
-        _registry.take_decisions()
+        _decide.take_decisions()
         before = _compat.counters["inductor"].copy()
-        with grad_mode, _tf32_off():
+        pairs: list[Pair] = []
+        with grad_mode, _harness.tf32_off():
             expected = reference(*example_inputs)
-            compiled, pairs = compile_variant(
-                candidate, dynamic=dynamic, policy=policy, freezing=freezing
+            compiled = _harness.compile_variant(
+                candidate,
+                dynamic=dynamic,
+                policy=policy,
+                config={"freezing": True} if freezing else None,
+                on_graph=lambda gm: pairs.extend(find_pairs(gm)),
             )
             actual = compiled(*example_inputs)
             grads = (
                 (_gradients(reference, expected), _gradients(candidate, actual)) if grad else None
             )
         delta = _compat.counters["inductor"] - before
-        decisions = _registry.take_decisions()
+        decisions = _decide.take_decisions()
     error, dtype = _max_abs_error(actual, expected)
     default_rtol, default_atol = DEFAULT_TOLERANCES.get(dtype, (1e-4, 1e-4))
     rtol = default_rtol if rtol is None else rtol
@@ -375,17 +235,18 @@ def verify(
     except AssertionError:
         outputs_match = False
     names = {name for name, _ in model.named_modules()}
-    pairs = [(_module_name(c, names), _module_name(b, names), k, r) for c, b, k, r in pairs]
-    decisions = [dataclasses.replace(d, layer=_module_name(d.layer, names)) for d in decisions]
+    rename = _pairs.module_name
+    pairs = [(rename(c, names), rename(b, names), k, r) for c, b, k, r in pairs]
+    decisions = [dataclasses.replace(d, layer=rename(d.layer, names)) for d in decisions]
     return FoldReport(
         pair_reports=_attribute(
             pairs,
             decisions,
-            delta["inductor_convbn_folded"],
-            delta["inductor_convbn_kept"],
-            delta["inductor_convbn_unsafe"],
+            delta[_decide.COUNTER_FOLDED],
+            delta[_decide.COUNTER_KEPT],
+            delta[_decide.COUNTER_UNSAFE],
         ),
-        folded=delta["inductor_convbn_folded"],
+        folded=delta[_decide.COUNTER_FOLDED],
         max_abs_error=error,
         outputs_match=outputs_match,
         rtol=rtol,
@@ -417,20 +278,9 @@ def _gradients(model: torch.nn.Module, output: Any) -> list[torch.Tensor | None]
     return [None if g is None else g.detach() for g in grads]
 
 
-def _module_name(path: str, names: set[str]) -> str:
-    """``path`` as the model's own module name: dynamo's paths start from whatever variable
-    held the model (``model.layer1.0.conv1``), and that prefix differs between releases."""
-    atoms = path.split(".")
-    for i in range(len(atoms)):
-        candidate = ".".join(atoms[i:])
-        if candidate in names:
-            return candidate
-    return path
-
-
 def _attribute(
-    pairs: list[tuple[str, str, str, str]],
-    decisions: list[_registry.Decision],
+    pairs: list[Pair],
+    decisions: list[_decide.Decision],
     folded: int,
     kept: int,
     unsafe: int = 0,
@@ -440,7 +290,7 @@ def _attribute(
     On an FX graph cache hit the pass does not run; Inductor replays its counters, so the
     numbers of folded and kept pairs are known but not which pair each one was.
     """
-    recorded: dict[str, list[_registry.Decision]] = {}
+    recorded: dict[str, list[_decide.Decision]] = {}
     for d in decisions:
         recorded.setdefault(d.layer, []).append(d)
     unrecorded_folded = folded - sum(d.folded for d in decisions)
@@ -456,15 +306,13 @@ def _attribute(
             reports.append(PairReport(conv, bn, kind, status, d.reason))
         elif unrecorded_folded > 0:
             unrecorded_folded -= 1
-            reports.append(PairReport(conv, bn, kind, FOLDED, "from the FX graph cache"))
+            reports.append(PairReport(conv, bn, kind, FOLDED, _pairs.FOLDED_CACHED))
         elif unrecorded_kept > 0:
             unrecorded_kept -= 1
-            reports.append(PairReport(conv, bn, kind, KEPT, "by policy, from the FX graph cache"))
+            reports.append(PairReport(conv, bn, kind, KEPT, _pairs.KEPT_CACHED))
         elif unrecorded_unsafe > 0:
             unrecorded_unsafe -= 1
-            reports.append(
-                PairReport(conv, bn, kind, SKIPPED, "unsafe to fold, from the FX graph cache")
-            )
+            reports.append(PairReport(conv, bn, kind, SKIPPED, _pairs.UNSAFE_CACHED))
         else:
             reports.append(PairReport(conv, bn, kind, SKIPPED, NOT_MATCHED))
     return reports

@@ -17,98 +17,33 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections import Counter
-from collections.abc import Callable
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import _compat
+from . import _compat, _pairs
 from ._fold import fold_conv_bn_weights
-from ._report import (
-    _BN_SIGNATURE,
-    _LAYER_MODULES,
-    BN_TRAINING,
-    FOLDED,
-    LINEAR_NOT_2D,
-    NO_RUNNING_STATS,
-    OTHER_USERS,
-    SKIPPED,
-    PairReport,
-    format_pairs,
-)
+from ._modules import FuseError, ModulePair, find_module_pairs, trace
 
 __all__ = ["FuseError", "FuseReport", "fuse", "fuse_report"]
 
-# Why a pair is not folded, in the words of _report's reasons; these only arise at module level.
-CONV_REUSED = "conv module is called more than once: folding would change its other calls"
-HAS_HOOKS = "conv or BN module has forward hooks, which folding would drop"
-STATS_NOT_ATTRIBUTES = "batch_norm statistics or affine are not attributes of the model"
-EPS_NOT_CONSTANT = "batch_norm eps is not a constant"
-CONV_NOT_BATCHED = "conv output is not batched: BN normalises dim 1, not the output channels"
-# A note on a folded pair, not a reason to skip it.
-LINEAR_ASSUMED_2D = "linear output assumed 2-D; pass example inputs to fuse() to check"
-
 _REPORT_KEY = "inductor_convbn.fuse_report"
-
-_LAYER_KINDS: dict[type, str] = dict(_LAYER_MODULES)
-# Exact types: a subclass may change forward, and then the fold would not compute it.
-_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-# torch.batch_norm is a builtin without an inspectable signature.
-_TORCH_BATCH_NORM_PARAMS = (
-    "input",
-    "weight",
-    "bias",
-    "running_mean",
-    "running_var",
-    "training",
-    "momentum",
-    "eps",
-    "cudnn_enabled",
-)
-
-
-class FuseError(RuntimeError):
-    """``fuse()`` could not trace or run the model; the model was not changed.
-
-    ``module`` names the module that was being traced when ``torch.fx`` failed ("" for the
-    model's own ``forward``), or is None when the failure was not in tracing.
-    """
-
-    def __init__(self, message: str, module: str | None = None) -> None:
-        super().__init__(message)
-        self.module = module
 
 
 @dataclasses.dataclass
-class FuseReport:
+class FuseReport(_pairs.PairTable):
     """What ``fuse()`` found: every conv -> batch_norm pair, and why any was not folded.
 
     Pairs are named by the model's own module names (``layer1.0.conv1``); a functional
     ``batch_norm`` is named by the module that holds its running mean.
     """
 
-    pair_reports: list[PairReport]
-
-    @property
-    def pairs(self) -> int:
-        """conv -> batch_norm pairs in the traced graph."""
-        return len(self.pair_reports)
+    title = "inductor_convbn.fx"
 
     @property
     def folded(self) -> int:
-        return sum(p.status == FOLDED for p in self.pair_reports)
-
-    @property
-    def skipped(self) -> list[tuple[str, str]]:
-        """``(conv, reason)`` for each pair that was not folded."""
-        return [(p.conv, p.reason) for p in self.pair_reports if p.status != FOLDED]
-
-    def __str__(self) -> str:
-        head = f"inductor_convbn.fx: folded {self.folded} of {self.pairs} conv->bn pairs"
-        return format_pairs(head, self.pair_reports)
+        return self._done_count()
 
 
 def fuse(model: nn.Module, *example_inputs: Any) -> torch.fx.GraphModule:
@@ -135,22 +70,28 @@ def fuse(model: nn.Module, *example_inputs: Any) -> torch.fx.GraphModule:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse() takes an nn.Module, got {type(model).__name__}")
-    gm = _trace(copy.deepcopy(model))
-    pairs = _find_pairs(gm)
+    gm = trace(
+        copy.deepcopy(model),
+        caller="fuse()",
+        alternative="fold without tracing through torch.compile with inductor_convbn.install()",
+    )
+    pairs = find_module_pairs(gm)
+    for pair in pairs:
+        pair.reason = pair.fold_reason()
     if example_inputs:
         _check_ranks(gm, pairs, example_inputs)
     else:
         for p in pairs:
-            if p.kind == "linear" and not p.reason:
-                p.note = LINEAR_ASSUMED_2D
+            if p.kind.name == "linear" and not p.reason:
+                p.note = _pairs.LINEAR_ASSUMED_2D
 
     reports = []
     for pair in pairs:
         if pair.reason:
-            reports.append(PairReport(pair.conv, pair.bn_name, pair.kind, SKIPPED, pair.reason))
+            reports.append(pair.report(_pairs.SKIPPED, pair.reason))
             continue
         _fold(gm, pair)
-        reports.append(PairReport(pair.conv, pair.bn_name, pair.kind, FOLDED, pair.note))
+        reports.append(pair.report(_pairs.FOLDED, pair.note))
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
@@ -166,209 +107,7 @@ def fuse_report(fused: torch.fx.GraphModule) -> FuseReport:
     return report
 
 
-class _ModulePathTracer(torch.fx.Tracer):
-    """The default tracer, remembering which module it was inside when tracing failed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failed_in: str | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        # A fused training layer (inductor_convbn.training) is one step of the graph, and so
-        # is a subclass of a layer class that computes as its base (_layer_kind), so that it
-        # stays one module call that can be folded.
-        return (
-            getattr(m, "_fx_leaf", False)
-            or _layer_kind(m) is not None
-            or super().is_leaf_module(m, module_qualified_name)
-        )
-
-    def call_module(
-        self,
-        m: nn.Module,
-        forward: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            # The innermost module sees the exception first; outer frames keep its name.
-            if self.failed_in is None:
-                try:
-                    self.failed_in = self.path_of_module(m)
-                except NameError:  # a module created inside forward, not a submodule
-                    self.failed_in = f"<unregistered {type(m).__name__}>"
-            raise
-
-
-def _trace(
-    model: nn.Module,
-    caller: str = "fuse()",
-    alternative: str = "fold without tracing through torch.compile with inductor_convbn.install()",
-) -> torch.fx.GraphModule:
-    tracer = _ModulePathTracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as e:
-        where = tracer.failed_in or ""
-        if where:
-            what = f"module {where!r} ({type(_submodule_or_none(model, where)).__name__})"
-        else:
-            what = f"the forward of {type(model).__name__}"
-        raise FuseError(
-            f"torch.fx cannot trace {what}: {type(e).__name__}: {e}\n"
-            f"{caller} changed nothing. Make that module traceable by torch.fx "
-            f"(no Python control flow on tensor values), or {alternative}.",
-            module=where,
-        ) from e
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
-
-
-def _submodule_or_none(model: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-_STAT_KEYS = ("running_mean", "running_var", "weight", "bias")
-
-
-@dataclasses.dataclass
-class _Pair:
-    layer: torch.fx.Node  # the call_module node of the conv or linear
-    bn: torch.fx.Node  # the call_module BN node, or the batch_norm call_function node
-    kind: str  # "conv2d", "conv_transpose1d", "linear", ...
-    conv: str  # names for the report
-    bn_name: str
-    bn_module: nn.Module | None  # None for a functional batch_norm
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    eps: Any
-    training: Any
-    reason: str = ""  # why it is not folded; empty when it is
-    note: str = ""  # said of a folded pair
-
-
-def _find_pairs(gm: torch.fx.GraphModule) -> list[_Pair]:
-    """Every layer-module -> batch_norm edge of the graph, with the reason not to fold it."""
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    pairs = []
-    for node in gm.graph.nodes:
-        pair = _pair_ending_at(gm, node)
-        if pair is None:
-            continue
-        pair.reason = pair.reason or _reason_not_to_fold(gm, pair, calls)
-        pairs.append(pair)
-    return pairs
-
-
-def _pair_ending_at(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Pair | None:
-    """The pair whose batch_norm is ``node``, or None when ``node`` ends no pair."""
-    reason = ""
-    bn_module: nn.Module | None = None
-    if node.op == "call_module":
-        bn_module = bn = gm.get_submodule(str(node.target))
-        if type(bn) not in _BN_MODULES:
-            return None
-        source = node.args[0] if node.args else node.kwargs.get("input")
-        values = {key: getattr(bn, key) for key in _STAT_KEYS}
-        eps, training, bn_name = bn.eps, bn.training, str(node.target)
-    elif node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
-        arguments = _batch_norm_arguments(node)
-        source, eps, training = arguments["input"], arguments["eps"], arguments["training"]
-        bn_name = _owner(arguments["running_mean"]) or node.name
-        values, reason = _model_tensors(gm, [arguments[key] for key in _STAT_KEYS])
-    else:
-        return None
-    if not isinstance(source, torch.fx.Node) or source.op != "call_module":
-        return None  # not a module's output
-    kind = _layer_kind(gm.get_submodule(str(source.target)))
-    if kind is None:
-        return None  # not a layer we fold into
-    return _Pair(
-        source, node, kind, str(source.target), bn_name, bn_module, **values,
-        eps=eps, training=training, reason=reason,
-    )  # fmt: skip
-
-
-def _layer_kind(module: nn.Module) -> str | None:
-    """The kind of a layer module the fold computes: one of the layer classes, or a subclass
-    that computes as it does (torchvision's video ``Conv3DSimple``, which adds only a static
-    method). A subclass with a forward of its own could compute anything."""
-    for cls, kind in _LAYER_KINDS.items():
-        if isinstance(module, cls) and all(
-            getattr(type(module), name, None) is getattr(cls, name, None)
-            for name in ("forward", "_conv_forward")
-        ):
-            return kind
-    return None
-
-
-def _batch_norm_arguments(node: torch.fx.Node) -> dict[str, Any]:
-    if node.target is F.batch_norm:
-        bound = _BN_SIGNATURE.bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        return dict(bound.arguments)
-    arguments = dict(zip(_TORCH_BATCH_NORM_PARAMS, node.args, strict=False))
-    arguments.update(node.kwargs)
-    return arguments
-
-
-def _model_tensors(
-    gm: torch.fx.GraphModule, arguments: list[Any]
-) -> tuple[dict[str, torch.Tensor | None], str]:
-    """A functional batch_norm's tensors, when each is None or an attribute of the model.
-
-    A tensor computed in forward may change from call to call: a fold would freeze it.
-    """
-    values: dict[str, torch.Tensor | None] = dict.fromkeys(_STAT_KEYS)
-    for key, argument in zip(_STAT_KEYS, arguments, strict=True):
-        if argument is None:
-            continue
-        if not isinstance(argument, torch.fx.Node) or argument.op != "get_attr":
-            return values, STATS_NOT_ATTRIBUTES
-        value: Any = gm
-        for atom in str(argument.target).split("."):
-            value = getattr(value, atom)
-        if not isinstance(value, torch.Tensor):
-            return values, STATS_NOT_ATTRIBUTES
-        values[key] = value
-    return values, ""
-
-
-def _owner(value: Any) -> str:
-    """The module path holding a get_attr target: ``head`` for ``head.running_mean``."""
-    if isinstance(value, torch.fx.Node) and value.op == "get_attr":
-        return str(value.target).rpartition(".")[0] or "<root>"
-    return ""
-
-
-def _reason_not_to_fold(gm: torch.fx.GraphModule, pair: _Pair, calls: Counter[Any]) -> str:
-    """Why folding ``pair`` would change what the model computes; empty when it would not."""
-    if pair.running_mean is None or pair.running_var is None:
-        return NO_RUNNING_STATS
-    if pair.training is not False:
-        return BN_TRAINING
-    if len(pair.layer.users) > 1:
-        return OTHER_USERS
-    if calls[pair.layer.target] > 1:
-        return CONV_REUSED
-    layer = gm.get_submodule(pair.conv)
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (layer, pair.bn_module) if m):
-        return HAS_HOOKS
-    if not isinstance(pair.eps, (int, float)):
-        return EPS_NOT_CONSTANT
-    channels = getattr(layer, "out_features" if pair.kind == "linear" else "out_channels")
-    if pair.running_mean.numel() != channels:
-        return f"BN has {pair.running_mean.numel()} features, the {pair.kind} has {channels}"
-    return ""
-
-
-def _check_ranks(gm: torch.fx.GraphModule, pairs: list[_Pair], example_inputs: Any) -> None:
+def _check_ranks(gm: torch.fx.GraphModule, pairs: list[ModulePair], example_inputs: Any) -> None:
     """Skip pairs whose layer output does not have the rank the fold assumes.
 
     BN normalises dim 1. That is a conv's channel dim only when the conv input is batched,
@@ -409,15 +148,13 @@ def _check_ranks(gm: torch.fx.GraphModule, pairs: list[_Pair], example_inputs: A
         for handle in handles:
             handle.remove()
     for p in eligible:
-        if p.kind == "linear" and ranks.get(p.conv) != 2:
-            p.reason = LINEAR_NOT_2D
-        elif p.kind != "linear" and ranks.get(p.conv) != int(p.kind[-2]) + 2:
-            p.reason = CONV_NOT_BATCHED
+        # A layer that did not run has no rank: it is not what the fold assumes either.
+        p.reason = _pairs.rank_reason(p.kind, ranks.get(p.conv, -1))
 
 
-def _fold(gm: torch.fx.GraphModule, pair: _Pair) -> None:
+def _fold(gm: torch.fx.GraphModule, pair: ModulePair) -> None:
     """Put a folded copy of the layer in its place and route the BN's users to it."""
-    layer = gm.get_submodule(pair.conv)
+    layer = pair.layer_module
     layer_weight = cast(torch.Tensor, layer.weight)
     layer_bias = cast("torch.Tensor | None", layer.bias)
     assert pair.running_mean is not None and pair.running_var is not None
@@ -430,7 +167,7 @@ def _fold(gm: torch.fx.GraphModule, pair: _Pair) -> None:
             float(pair.eps),
             pair.weight,
             pair.bias,
-            transposed=pair.kind.startswith("conv_transpose"),
+            transposed=pair.kind.transposed,
             groups=getattr(layer, "groups", 1),
         )
         # empty_like keeps the weight's strides: channels_last stays channels_last.

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections import Counter
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from . import fx  # its tracer and pair finder
+from . import _pairs
 from ._fold import fold_conv_bn_weights
-from ._report import OTHER_USERS, SKIPPED, PairReport, format_pairs
+from ._modules import ModulePair, find_module_pairs, trace
 
 __all__ = [
     "FusedConvBatchNorm1d",
@@ -364,39 +363,16 @@ _FUSED_TYPES: dict[type, type[_FusedConvBatchNormNd]] = {
 }
 
 
-# Why memory_efficient() leaves a conv -> BN pair as it is.
-NOT_A_CONV = "the layer is not an nn.Conv1d/2d/3d: there is no fused training layer for it"
-BN_TYPE = "the BN is not the nn.BatchNorm of the conv's rank (SyncBatchNorm is not fused)"
-FUNCTIONAL_BN = "a functional batch_norm: only BatchNorm modules are swapped"
-BN_REUSED = "BN module is called more than once"
-TENSORS_READ = "the model reads the conv's or the BN's tensors elsewhere in forward"
-FUSED = "fused"
-
-
 @dataclasses.dataclass
-class MemoryEfficientReport:
+class MemoryEfficientReport(_pairs.PairTable):
     """What ``memory_efficient()`` found: each conv -> BN pair, fused or why not."""
 
-    pair_reports: list[PairReport]
-
-    @property
-    def pairs(self) -> int:
-        return len(self.pair_reports)
+    done = _pairs.FUSED
+    title = "inductor_convbn.memory_efficient"
 
     @property
     def fused(self) -> int:
-        return sum(p.status == FUSED for p in self.pair_reports)
-
-    @property
-    def skipped(self) -> list[tuple[str, str]]:
-        """``(conv, reason)`` for each pair left as it was."""
-        return [(p.conv, p.reason) for p in self.pair_reports if p.status != FUSED]
-
-    def __str__(self) -> str:
-        head = (
-            f"inductor_convbn.memory_efficient: fused {self.fused} of {self.pairs} conv->bn pairs"
-        )
-        return format_pairs(head, self.pair_reports)
+        return self._done_count()
 
 
 _REPORT_ATTRIBUTE = "_inductor_convbn_memory_efficient"
@@ -443,12 +419,11 @@ def memory_efficient(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"memory_efficient() takes an nn.Module, got {type(model).__name__}")
     target = model if inplace else copy.deepcopy(model)
-    gm = fx._trace(
+    gm = trace(
         target,
         caller="memory_efficient()",
         alternative="build the layers with FusedConvBatchNorm2d.from_modules(conv, bn)",
     )
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     keys = target.__dict__.get("_inductor_convbn_keys")
     if keys is None:
         keys = _OriginalStateDictKeys()
@@ -456,14 +431,9 @@ def memory_efficient(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         target._register_state_dict_hook(keys.save)
         target._register_load_state_dict_pre_hook(keys.load)
     reports = []
-    for node in gm.graph.nodes:
-        pair = fx._pair_ending_at(gm, node)
-        if pair is None:
-            continue
-        reason = _reason_not_to_swap(gm, pair, calls)
-        reports.append(
-            PairReport(pair.conv, pair.bn_name, pair.kind, SKIPPED if reason else FUSED, reason)
-        )
+    for pair in find_module_pairs(gm):
+        reason = _reason_not_to_swap(gm, pair)
+        reports.append(pair.report(_pairs.SKIPPED if reason else _pairs.FUSED, reason))
         if not reason:
             _swap(target, pair.conv, pair.bn_name, keys)
     report = MemoryEfficientReport(reports)
@@ -479,31 +449,23 @@ def memory_efficient_report(model: nn.Module) -> MemoryEfficientReport:
     return report
 
 
-def _reason_not_to_swap(gm: torch.fx.GraphModule, pair: Any, calls: Counter[Any]) -> str:
+def _reason_not_to_swap(gm: torch.fx.GraphModule, pair: ModulePair) -> str:
     """Why the pair keeps its two modules; empty when it gets a fused layer."""
     if pair.bn_module is None:
-        return FUNCTIONAL_BN
-    conv = cast(nn.modules.conv._ConvNd, gm.get_submodule(pair.conv))
-    fused_type = _FUSED_TYPES.get(type(conv))
+        return _pairs.FUNCTIONAL_BN
+    fused_type = _FUSED_TYPES.get(type(pair.layer_module))
     if fused_type is None:
-        return NOT_A_CONV
+        return _pairs.NOT_A_CONV
     if type(pair.bn_module) is not fused_type._bn_type:
-        return BN_TYPE
-    if len(pair.layer.users) > 1:
-        return OTHER_USERS
-    if calls[pair.layer.target] > 1:
-        return fx.CONV_REUSED
-    if calls[pair.bn.target] > 1:
-        return BN_REUSED
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (conv, pair.bn_module)):
-        return fx.HAS_HOOKS
+        return _pairs.BN_TYPE
+    reason = pair.module_reason(moves_bn=True)
+    if reason:
+        return reason
     owners = (f"{pair.conv}.", f"{pair.bn.target}.")
     if any(n.op == "get_attr" and str(n.target).startswith(owners) for n in gm.graph.nodes):
-        return TENSORS_READ  # swapping the modules would move those tensors
-    if pair.bn_module.num_features != conv.out_channels:
-        return f"BN has {pair.bn_module.num_features} features, the conv has {conv.out_channels}"
+        return _pairs.TENSORS_READ  # swapping the modules would move those tensors
     try:
-        _conv_padding(conv)
+        _conv_padding(cast(nn.modules.conv._ConvNd, pair.layer_module))
     except ValueError as e:
         return str(e)
     return ""

@@ -1,0 +1,146 @@
+"""Compiling variants of a model in isolation, and timing them side by side.
+
+One place that the verifier, the command line and the benchmarks compile through, so that
+each variant gets a code object of its own (dynamo keys its cache on code objects), the
+plugin and any Inductor config apply to that variant's compile only, and a config dynamo
+reads while it traces (freezing) is on around the first call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from . import _compat, _pass
+
+__all__ = ["compare_compiled", "compile_variant", "fresh_callable", "tf32_off"]
+
+
+def fresh_callable(model: Callable[..., Any]) -> Callable[..., Any]:
+    """A wrapper with a code object of its own.
+
+    Dynamo keys its cache on code objects: compiling ``model`` itself could reuse code
+    compiled earlier for another instance of the same class, with or without the plugin.
+    """
+    namespace: dict[str, Any] = {"model": model}
+    code = compile(
+        "def run(*args, **kwargs):\n    return model(*args, **kwargs)\n",
+        f"<inductor_convbn.variant:{next(_wrapper_ids)}>",
+        "exec",
+    )
+    exec(code, namespace)
+    return namespace["run"]
+
+
+_wrapper_ids = itertools.count()
+
+
+@contextlib.contextmanager
+def tf32_off() -> Iterator[None]:
+    """TF32 off for matmuls and convolutions, restored on exit."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class _FirstCallPatched:
+    """Calls ``fn`` with Inductor's config patched for its first call (the compile) only."""
+
+    def __init__(self, fn: Callable[..., Any], config: dict[str, Any]) -> None:
+        self.fn = fn
+        self.config: dict[str, Any] | None = config
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.config is None:
+            return self.fn(*args, **kwargs)
+        config, self.config = self.config, None
+        with _compat.inductor_config.patch(config):
+            return self.fn(*args, **kwargs)
+
+
+def compile_variant(
+    model: Callable[..., Any],
+    *,
+    plugin: bool = True,
+    policy: str = "auto",
+    dynamic: bool | None = None,
+    config: dict[str, Any] | None = None,
+    on_graph: Callable[[torch.fx.GraphModule], None] | None = None,
+) -> Callable[..., Any]:
+    """``torch.compile`` ``model``, with the plugin or without, under an Inductor config.
+
+    The plugin and ``config`` apply to this compile only; ``config`` is patched around the
+    first call too, since dynamo must trace with freezing on to hand parameters over as
+    constants. ``on_graph`` sees each graph dynamo captures, before Inductor compiles it.
+    """
+    patches = dict(config or {})
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        if on_graph is not None:
+            on_graph(gm)
+        plugin_cm = _pass.installed(policy) if plugin else contextlib.nullcontext()
+        with plugin_cm, _compat.inductor_config.patch(patches):
+            return _compat.compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(fresh_callable(model), backend=backend, dynamic=dynamic)
+    return _FirstCallPatched(compiled, patches) if patches else compiled
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare_compiled(
+    model: torch.nn.Module,
+    *args: Any,
+    policy: str = "auto",
+    freezing: bool = False,
+    rounds: int = 7,
+    calls: int = 5,
+) -> dict[str, float]:
+    """Compile ``model`` plainly and with the plugin, and time them side by side.
+
+    Both variants compile with or without Inductor freezing alike.
+    Calls alternate between the variants, ``calls`` at a time, for ``rounds`` rounds. Returns
+    the median seconds per call of each, and the median, lowest and highest per-round ratio
+    (plugin / plain). Compile time is not compared here: in one process the second compile
+    reuses what the first warmed up. The plugin's own share of compile time is
+    ``_decide.pass_time``.
+    """
+    device = next(iter(model.parameters())).device
+    config = {"freezing": True} if freezing else None
+    with torch.no_grad():
+        plain = compile_variant(copy.deepcopy(model), plugin=False, config=config)
+        plugin = compile_variant(copy.deepcopy(model), policy=policy, config=config)
+        for fn in (plain, plugin):
+            fn(*args)  # compile
+            fn(*args)  # warm up
+        per_call: dict[str, list[float]] = {"plain": [], "plugin": []}
+        for _ in range(rounds):
+            for name, fn in (("plain", plain), ("plugin", plugin)):
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn(*args)
+                _sync(device)
+                per_call[name].append((time.perf_counter() - start) / calls)
+    ratios = [b / a for a, b in zip(per_call["plain"], per_call["plugin"], strict=True)]
+    return {
+        "plain_s": statistics.median(per_call["plain"]),
+        "plugin_s": statistics.median(per_call["plugin"]),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+    }

@@ -1,0 +1,325 @@
+"""What a conv -> batch_norm pair is: the words every front end and the verifier share.
+
+The layer kinds a BN folds into, how a ``batch_norm`` call's arguments bind, the rules that
+make a pair foldable wherever it is found, the statuses and reason texts of a report, the
+report row and its table, and how a graph node is named after the user's module. Nothing
+here finds pairs or folds them: the plugin's stages, the FX fuser, the training layer and
+the verifier each walk their own graph and judge what they find with these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LAYER_KINDS",
+    "LayerKind",
+    "PairReport",
+    "PairTable",
+    "bind_batch_norm",
+    "describe_node",
+    "format_pairs",
+    "layer_kind_of_function",
+    "layer_kind_of_module",
+    "module_name",
+    "reason_not_to_fold",
+]
+
+
+# --- Layer kinds --------------------------------------------------------------------------
+
+_CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_TRANSPOSE_PARAMS = (
+    "input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation",
+)  # fmt: skip
+_LINEAR_PARAMS = ("input", "weight", "bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """A layer a batch norm folds into: how a model builds it and how dynamo records it."""
+
+    name: str  # "conv2d", "conv_transpose1d", "linear", ...
+    rank: int  # spatial dims; 0 for linear
+    transposed: bool
+    module: type[nn.Module]
+    function: Callable[..., Any]  # the call in dynamo's graph (F.conv2d is torch.conv2d)
+    params: tuple[str, ...]  # the function's parameters: builtins have no signature
+
+    @property
+    def batched_rank(self) -> int:
+        """The rank of a batched output: BN normalises dim 1, the channels, only then."""
+        return self.rank + 2
+
+
+LAYER_KINDS: tuple[LayerKind, ...] = (
+    LayerKind("conv1d", 1, False, nn.Conv1d, torch.conv1d, _CONV_PARAMS),
+    LayerKind("conv2d", 2, False, nn.Conv2d, torch.conv2d, _CONV_PARAMS),
+    LayerKind("conv3d", 3, False, nn.Conv3d, torch.conv3d, _CONV_PARAMS),
+    LayerKind(
+        "conv_transpose1d", 1, True, nn.ConvTranspose1d, torch.conv_transpose1d,
+        _CONV_TRANSPOSE_PARAMS,
+    ),
+    LayerKind(
+        "conv_transpose2d", 2, True, nn.ConvTranspose2d, torch.conv_transpose2d,
+        _CONV_TRANSPOSE_PARAMS,
+    ),
+    LayerKind(
+        "conv_transpose3d", 3, True, nn.ConvTranspose3d, torch.conv_transpose3d,
+        _CONV_TRANSPOSE_PARAMS,
+    ),
+    LayerKind("linear", 0, False, nn.Linear, F.linear, _LINEAR_PARAMS),
+)  # fmt: skip
+_BY_FUNCTION = {k.function: k for k in LAYER_KINDS}
+
+
+def layer_kind_of_function(target: Any) -> LayerKind | None:
+    """The layer kind of a ``call_function`` target of dynamo's graph, else None."""
+    try:
+        return _BY_FUNCTION.get(target)
+    except TypeError:  # an unhashable target
+        return None
+
+
+def layer_kind_of_module(module: nn.Module, *, exact: bool = True) -> LayerKind | None:
+    """The layer kind of a module: its class exactly or, with ``exact=False``, a subclass
+    that computes as its class does (torchvision's video ``Conv3DSimple``, which adds only
+    a static method). A subclass with a forward of its own could compute anything."""
+    for kind in LAYER_KINDS:
+        if type(module) is kind.module:
+            return kind
+        if not exact and isinstance(module, kind.module):
+            if all(
+                getattr(type(module), name, None) is getattr(kind.module, name, None)
+                for name in ("forward", "_conv_forward")
+            ):
+                return kind
+    return None
+
+
+def bind_layer(kind: LayerKind, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A layer call's arguments by parameter name (defaults not filled in); ValueError when
+    they do not fit the layer's parameters."""
+    if len(args) > len(kind.params) or any(k not in kind.params for k in kwargs):
+        raise ValueError(f"arguments do not fit {kind.name}{kind.params}")
+    return {**dict(zip(kind.params, args, strict=False)), **kwargs}
+
+
+# --- batch_norm calls ---------------------------------------------------------------------
+
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+# torch.batch_norm is a builtin without an inspectable signature.
+_TORCH_BATCH_NORM_PARAMS = (
+    "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+    "cudnn_enabled",
+)  # fmt: skip
+BATCH_NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)
+# Exact types: a subclass may change forward, and then the fold would not compute it.
+BATCH_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def bind_batch_norm(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A ``batch_norm`` call's arguments by ``F.batch_norm``'s names, defaults filled in.
+
+    Takes ``F.batch_norm`` and ``torch.batch_norm`` calls, positional or by keyword.
+    """
+    if target is torch.batch_norm:
+        arguments = dict(zip(_TORCH_BATCH_NORM_PARAMS, args, strict=False))
+        arguments.update(kwargs)
+        arguments.pop("cudnn_enabled", None)
+        return arguments
+    bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+# --- Statuses and reasons -----------------------------------------------------------------
+
+FOLDED = "folded"
+SKIPPED = "skipped"  # folding would change results
+KEPT = "kept"  # safe to fold, but the policy judged it not worth it
+FUSED = "fused"  # swapped for a fused training layer (memory_efficient)
+
+# Why a pair cannot be folded without changing results, wherever it is found.
+NO_RUNNING_STATS = "BN has no running statistics (track_running_stats=False)"
+BN_TRAINING = "BN is in training mode"
+OTHER_USERS = "conv output has other users"
+LINEAR_NOT_2D = "linear output is not 2-D: BN normalises dim 1, not the output features"
+CONV_NOT_BATCHED = "conv output is not batched: BN normalises dim 1, not the output channels"
+# Found at module level (the FX fuser, the training layer).
+CONV_REUSED = "conv module is called more than once: folding would change its other calls"
+BN_REUSED = "BN module is called more than once"
+HAS_HOOKS = "conv or BN module has forward hooks, which folding would drop"
+STATS_NOT_ATTRIBUTES = "batch_norm statistics or affine are not attributes of the model"
+EPS_NOT_CONSTANT = "batch_norm eps is not a constant"
+CHANNELS_DIFFER = "BN has {features} features, the {kind} has {channels}"
+LINEAR_ASSUMED_2D = "linear output assumed 2-D; pass example inputs to fuse() to check"
+# Why the training layer leaves a pair as it is.
+NOT_A_CONV = "the layer is not an nn.Conv1d/2d/3d: there is no fused training layer for it"
+BN_TYPE = "the BN is not the nn.BatchNorm of the conv's rank (SyncBatchNorm is not fused)"
+FUNCTIONAL_BN = "a functional batch_norm: only BatchNorm modules are swapped"
+TENSORS_READ = "the model reads the conv's or the BN's tensors elsewhere in forward"
+
+# How the plugin folded a pair.
+FOLDED_ONCE = "once, at compile time (freezing)"
+FOLDED_PER_CALL = "recomputed every call, from the live parameters"
+FOLDED_FOR_GRAD = "into the weight, differentiably, in a graph that needs gradients"
+# Why the plugin did not fold a pair it matched: it would change results.
+NOT_FINITE = "the folded weight or bias is not finite in {dtype}: folding would change results"
+STATS_NOT_FINITE = "the BN statistics or parameters are not finite"
+FLOAT16_PER_CALL = (
+    "float16 without freezing: the folded weight can overflow float16 where conv and BN "
+    "apart do not, and its values are not known when compiling (compile with freezing to "
+    "fold it once, checked)"
+)
+FLOAT16_FOR_GRAD = (
+    "float16 in a graph that needs gradients: the folded weight can overflow float16 where "
+    "conv and BN apart do not, and its values are not known when compiling"
+)
+# Why the "auto" policy keeps a pair unfolded without freezing: it would cost time.
+KEPT_BIAS_PEELED = (
+    "on {device}, Inductor adds a conv bias in a pointwise kernel just as it applies "
+    "the BN, so folding every call only adds work (compile with freezing to fold once)"
+)
+KEPT_FUSED = (
+    "the BN runs inside the next pointwise kernel ({user}), so folding every call "
+    "costs more than it saves (compile with freezing to fold once)"
+)
+KEPT_LARGE_WEIGHT = (
+    "the weight ({weight} elements) outweighs the output ({output}), so folding every "
+    "call costs more than it saves (compile with freezing to fold once)"
+)
+# What the verifier says of a pair it counted.
+NOT_MATCHED = "eligible, but the pattern did not match"
+FOLDED_CACHED = "from the FX graph cache"
+KEPT_CACHED = "by policy, from the FX graph cache"
+UNSAFE_CACHED = "unsafe to fold, from the FX graph cache"
+
+
+def reason_not_to_fold(
+    kind: LayerKind,
+    *,
+    has_running_stats: bool,
+    training: Any,
+    other_users: bool,
+    output_rank: int | None = None,
+) -> str:
+    """Why folding a layer -> batch_norm pair would change results; "" when it would not.
+
+    These hold wherever the pair is found: a BN without running statistics normalises with
+    batch statistics even in eval; a training BN does; a layer output used elsewhere would
+    see the fold too; BN normalises dim 1, the channels only of a batched output.
+    ``output_rank`` None: not known, not checked.
+    """
+    if not has_running_stats:
+        return NO_RUNNING_STATS
+    if training is not False:
+        return BN_TRAINING
+    if other_users:
+        return OTHER_USERS
+    return rank_reason(kind, output_rank)
+
+
+def rank_reason(kind: LayerKind, output_rank: int | None) -> str:
+    """Why a layer output of this rank is not what the fold assumes; "" when it is."""
+    if output_rank is None or output_rank == kind.batched_rank:
+        return ""
+    return LINEAR_NOT_2D if kind.name == "linear" else CONV_NOT_BATCHED
+
+
+# --- Reports ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PairReport:
+    """One conv -> batch_norm pair: where, what kind, its status and why."""
+
+    conv: str  # where the conv sits, e.g. "layer1.0.conv1"
+    bn: str
+    kind: str  # "conv2d", "conv_transpose1d", "linear", ...
+    status: str  # FOLDED, FUSED, SKIPPED or KEPT
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class PairTable:
+    """A report of pairs, one row each; the three reports build on it."""
+
+    pair_reports: list[PairReport]
+    done: ClassVar[str] = FOLDED  # the status of a pair the tool changed
+    title: ClassVar[str] = "inductor_convbn"
+
+    @property
+    def pairs(self) -> int:
+        """conv -> batch_norm pairs found."""
+        return len(self.pair_reports)
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(conv, reason)`` for each pair left as it was."""
+        return [(p.conv, p.reason) for p in self.pair_reports if p.status != self.done]
+
+    def _done_count(self) -> int:
+        return sum(p.status == self.done for p in self.pair_reports)
+
+    def __str__(self) -> str:
+        head = f"{self.title}: {self.done} {self._done_count()} of {self.pairs} conv->bn pairs"
+        return format_pairs(head, self.pair_reports)
+
+
+def format_pairs(head: str, pair_reports: Sequence[PairReport]) -> str:
+    """``head``, then one aligned row per pair: where, kind, status and reason."""
+    if not pair_reports:
+        return head
+    rows = [("conv", "bn", "kind", "status")] + [
+        (p.conv, p.bn, p.kind, p.status + (f": {p.reason}" if p.reason else ""))
+        for p in pair_reports
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [head]
+    for r in rows:
+        cells = (c.ljust(w) for c, w in zip(r[:3], widths, strict=True))
+        lines.append("  " + "  ".join(cells) + "  " + r[3])
+    return "\n".join(lines)
+
+
+# --- Naming -------------------------------------------------------------------------------
+
+
+def describe_node(node: torch.fx.Node) -> str:
+    """Where a layer sits in the user's model, e.g. ``layer1.0.conv1``, from fx metadata.
+
+    Dynamo records the module path in ``nn_module_stack`` and AOT autograd keeps it on the
+    aten nodes, so the verifier's independent count and the plugin name a pair alike.
+    """
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _normalize_module_path(path)
+    return node.name
+
+
+def _normalize_module_path(path: str) -> str:
+    path = re.sub(r"^[LG]\['[^']*'\]", "", path)  # the root: a local or a global
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", path)
+    return path.lstrip(".") or "<root>"
+
+
+def module_name(path: str, names: set[str]) -> str:
+    """``path`` as the model's own module name: dynamo's paths start from whatever variable
+    held the model (``model.layer1.0.conv1``), and that prefix differs between releases."""
+    atoms = path.split(".")
+    for i in range(len(atoms)):
+        candidate = ".".join(atoms[i:])
+        if candidate in names:
+            return candidate
+    return path
