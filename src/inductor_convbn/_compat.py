@@ -82,6 +82,7 @@ def register_pattern(
     extra_check: Callable[[Match], bool],
     scalar_workaround: dict[str, float | int],
     early_check: Callable[[Match], bool] | None = None,
+    without_final_downcast: bool = False,
 ) -> bool:
     """``register_replacement`` for an inference graph; a duplicate pattern is not an error.
 
@@ -91,11 +92,24 @@ def register_pattern(
     ``extra_check`` runs after ``register_replacement`` re-traces the pattern with the
     match's real shapes and re-matches it exactly. ``early_check`` runs before that
     re-trace, the costly part of a match, so that a match it rejects costs almost nothing.
+
+    ``without_final_downcast``: register the traced pattern with its last node, a downcast
+    from float32 to float16 or bfloat16, taken off, so that it matches a graph where
+    Inductor removed that downcast (``replace_fn`` must then return float32). Returns
+    False, registering nothing, when the pattern does not end in such a downcast, or when
+    this torch takes no pre-traced pattern.
     """
     before = {id(e) for entries in _pattern_entries(pass_dict) for e in entries}
     kwargs: dict[str, Any] = dict(extra_check=extra_check, scalar_workaround=scalar_workaround)
     if _HAS_SEARCH_FN_PATTERN:
-        kwargs["search_fn_pattern"] = _exact_pattern(search_fn, example_inputs, scalar_workaround)
+        pattern = _exact_pattern(
+            search_fn, example_inputs, scalar_workaround, without_final_downcast
+        )
+        if pattern is None:
+            return False
+        kwargs["search_fn_pattern"] = pattern
+    elif without_final_downcast:
+        return False
     if _HAS_SKIP_DUPLICATES:  # torch >= 2.7
         kwargs["skip_duplicates"] = True
     elif isinstance(_SEEN_PATTERNS, set):  # torch 2.6: look for the duplicate first
@@ -136,6 +150,7 @@ def _exact_pattern(
     search_fn: Callable[..., Any],
     example_inputs: list[Any],
     scalar_workaround: dict[str, float | int],
+    without_final_downcast: bool = False,
 ) -> Any:
     """The search pattern with its literals kept, the sentinel scalars made wildcards.
 
@@ -150,7 +165,34 @@ def _exact_pattern(
     args = [scalar_workaround[n] if n in scalar_workaround else next(tensors) for n in argnames]
     graph = fwd_only(search_fn, args)
     _drop_zero_adds(graph.graph)
+    if without_final_downcast and not _drop_final_downcast(graph.graph):
+        return None
     return fx_to_pattern(graph, argnames=argnames, scalar_workaround=scalar_workaround)
+
+
+def _drop_final_downcast(graph: torch.fx.Graph) -> bool:
+    """Make the float32 value before a final downcast to half precision the graph's output;
+    say whether there was one.
+
+    Inductor's joint-graph pass ``pointless_convert`` rewrites ``convert(convert(x, bf16),
+    float32)`` to ``convert(x, float32)`` in torch releases before 2.14 (2.14 keeps a
+    narrower intermediate): a batch norm in half precision followed by an op that computes
+    in float32 (SiLU, Hardswish) then loses its final downcast, and a pattern ending in it
+    finds nothing to match.
+    """
+    output = next(n for n in graph.nodes if n.op == "output")
+    last = output.args[0]
+    if not (
+        isinstance(last, torch.fx.Node)
+        and last.target is torch.ops.prims.convert_element_type.default
+        and last.args[1] in (torch.float16, torch.bfloat16)
+        and isinstance(last.args[0], torch.fx.Node)
+        and getattr(last.args[0].meta.get("val"), "dtype", None) == torch.float32
+    ):
+        return False
+    output.args = (last.args[0],)
+    graph.erase_node(last)
+    return True
 
 
 def _pattern_entries(pass_dict: PatternMatcherPass) -> list[list[Any]]:

@@ -106,7 +106,11 @@ def _with_signature(fn: Callable[..., Any], names: list[str]) -> Callable[..., A
     return fn
 
 
-def _pattern_fns(t: FoldTemplate) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def _pattern_fns(
+    t: FoldTemplate, *, upcast: bool = False
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The search and replacement functions of a template; ``upcast``: the replacement's
+    output in float32, for the pattern without its final downcast."""
     names = t.tensor_args() + list(t.scalar_args())
 
     def unpack(args: tuple[Any, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -139,7 +143,8 @@ def _pattern_fns(t: FoldTemplate) -> tuple[Callable[..., Any], Callable[..., Any
             a.get("beta"),
             transposed=t.transposed, groups=c.get("groups", 1),
         )  # fmt: skip
-        return layer(a, c, w, b)
+        y = layer(a, c, w, b)
+        return y.to(torch.float32) if upcast else y
 
     return _with_signature(search, names), _with_signature(replace, names)
 
@@ -311,17 +316,26 @@ def _record_fold(match: _compat.Match) -> bool:
 
 @functools.cache
 def _register(t: FoldTemplate, dtype: torch.dtype, bn_dtype: torch.dtype, device: str) -> bool:
-    search, replace = _pattern_fns(t)
-    with _decide.pass_time.timing("tracing_s"), _compat.pattern_tracing_mode():
-        registered = _compat.register_pattern(
-            search,
-            replace,
-            _example_inputs(t, dtype, bn_dtype, device),
-            PATTERNS,
-            extra_check=_record_fold,
-            early_check=_early_check,
-            scalar_workaround=t.scalar_args(),
-        )
+    """Trace and register the template's patterns for these dtypes and device.
+
+    A half-precision template also gets its pattern without the final downcast (see
+    ``_compat.register_pattern``): where Inductor keeps that downcast, the full pattern
+    matches first, at the later node, and the other finds nothing left to match.
+    """
+    registered = False
+    for upcast in (False, True) if dtype in (torch.float16, torch.bfloat16) else (False,):
+        search, replace = _pattern_fns(t, upcast=upcast)
+        with _decide.pass_time.timing("tracing_s"), _compat.pattern_tracing_mode():
+            registered |= _compat.register_pattern(
+                search,
+                replace,
+                _example_inputs(t, dtype, bn_dtype, device),
+                PATTERNS,
+                extra_check=_record_fold,
+                early_check=_early_check,
+                scalar_workaround=t.scalar_args(),
+                without_final_downcast=upcast,
+            )
     return registered
 
 
@@ -345,9 +359,11 @@ def register_for_graph(graph: torch.fx.Graph) -> None:
 
 def _has_eps_zero(graph: torch.fx.Graph) -> bool:
     # A batch norm's rsqrt(var + eps) without its add: eps was 0 (see FoldTemplate.eps_zero).
+    # torch 2.14 decomposes batch_norm with rsqrt, 2.11 with sqrt and reciprocal.
     return any(
         not (isinstance(n.args[0], torch.fx.Node) and n.args[0].target is aten.add.Tensor)
-        for n in graph.find_nodes(op="call_function", target=aten.rsqrt.default)
+        for target in (aten.rsqrt.default, aten.sqrt.default)
+        for n in graph.find_nodes(op="call_function", target=target)
     )
 
 
