@@ -163,6 +163,8 @@ def smallest_input(
     raise AssertionError("no input shape accepted:\n" + "\n".join(errors))
 
 
+# The heading of docs/zoo.md's GPU section (bench/zoo_gpu.py), which this sweep keeps.
+GPU_SECTION = "## On a GPU"
 COLUMNS = ("model", "input", "pairs", "folded", "skipped", "fx", "output", "error", "seconds")
 
 
@@ -277,6 +279,10 @@ def read_table(path: Path) -> dict[str, ZooRow]:
 def write_table(path: Path, rows: list[ZooRow]) -> None:
     """The sweep's results as a Markdown page, over the rows already there; zoo models not
     run yet are listed last."""
+    kept_sections = ""
+    if path.exists():  # sections written by other sweeps (the GPU's) stay as they are
+        text = path.read_text()
+        kept_sections = text[text.index(GPU_SECTION) :] if GPU_SECTION in text else ""
     merged = {**read_table(path), **{r.model: r for r in rows}}
     merged = {name: r for name, r in merged.items() if r.result != "not run"}
     done = list(merged.values())
@@ -315,7 +321,7 @@ def write_table(path: Path, rows: list[ZooRow]) -> None:
     for r in table:
         cells = [getattr(r, c) for c in COLUMNS] + [r.result]
         lines.append("| " + " | ".join(c.replace("|", "\\|") or "-" for c in cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + ("\n" + kept_sections if kept_sections else ""))
 
 
 def test_zero_weights_get_random_values():
@@ -329,3 +335,13 @@ def test_zero_weights_get_random_values():
     assert model[1].weight.any()
     assert not model[1].bias.any()  # a zero bias changes nothing the comparison needs
     torch.testing.assert_close(model[0].weight, kept, rtol=0, atol=0)
+
+
+def test_table_keeps_the_gpu_section(tmp_path):
+    page = tmp_path / "zoo.md"
+    write_table(page, [ZooRow("squeezenet1_1", pairs="0", folded="0", result="ok")])
+    page.write_text(page.read_text() + f"\n{GPU_SECTION}\n\n| model | x |\n| --- | --- |\n")
+    write_table(page, [ZooRow("alexnet", pairs="0", folded="0", result="ok")])
+    text = page.read_text()
+    assert text.count(GPU_SECTION) == 1 and text.endswith("| model | x |\n| --- | --- |\n")
+    assert set(read_table(page)) >= {"squeezenet1_1", "alexnet"}
