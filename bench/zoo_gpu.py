@@ -2,6 +2,7 @@
 in float32, bfloat16 and float16 channels_last, with freezing and with ``policy="always"``.
 
     python bench/zoo_gpu.py --out OUT [--workers 14] [--deadline 540] [--batch 8]
+    python bench/zoo_gpu.py --out OUT --device cpu --dtypes float32 --modes always --batch 1
 
 Runs the (model, dtype, mode) cases in parallel processes, mobile nets first (the models
 whose half-precision pairs were missed), and appends one JSON line per case to
@@ -54,6 +55,8 @@ def run_case(
     zoo = _zoo()
     start = time.perf_counter()
     result: dict = {"model": name, "dtype": dtype_name, "mode": mode, "device": device}
+    if device == "cpu":
+        torch.set_num_threads(1)  # one core per case: the cases run side by side
     try:
         torch._dynamo.reset()
         entry = zoo.ZOO[name]
@@ -101,8 +104,8 @@ def run_case(
     return result
 
 
-def _cases(models: list[str]) -> list[tuple[str, str, str]]:
-    return [(m, d, mode) for m in models for mode in MODES for d in DTYPES[::-1]]
+def _cases(models: list[str], dtypes: list[str], modes: list[str]) -> list[tuple[str, str, str]]:
+    return [(m, d, mode) for m in models for mode in modes for d in dtypes[::-1]]
 
 
 def main() -> None:
@@ -112,6 +115,8 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=540, help="seconds")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--models", nargs="*")
     parser.add_argument("--table", type=Path, help="print the table of a results file")
     args = parser.parse_args()
