@@ -130,9 +130,8 @@ def main() -> None:
     deadline = time.monotonic() + args.deadline
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context)
-    futures = [
-        pool.submit(run_case, *case, args.batch, out, args.device) for case in _cases(models)
-    ]
+    cases = _cases(models, args.dtypes, args.modes)
+    futures = [pool.submit(run_case, *case, args.batch, out, args.device) for case in cases]
     done = 0
     for future in concurrent.futures.as_completed(futures, timeout=None):
         done += 1
