@@ -209,10 +209,17 @@ def _layer_node(match: _compat.Match) -> torch.fx.Node:
     return next(n for n in match.nodes if n.target in _LAYER_TARGETS)
 
 
-def _layer_hyper(layer: torch.fx.Node) -> dict[str, Any]:
-    if layer.target is aten.convolution.default:
-        return {"transposed": bool(layer.args[6]), "groups": cast(int, layer.args[8])}
-    return {"transposed": False, "groups": 1}
+def _unsafe_values(
+    match: _compat.Match, layer: torch.fx.Node, tensors: dict[str, torch.Tensor]
+) -> str:
+    """``_decide.unsafe_frozen`` for the match's known fold arguments."""
+    conv = layer.target is aten.convolution.default
+    return _decide.unsafe_frozen(
+        tensors,
+        float(match.kwargs.get("eps", 0.0)),
+        transposed=conv and bool(layer.args[6]),
+        groups=cast(int, layer.args[8]) if conv else 1,
+    )
 
 
 def _fold_tensors(
@@ -238,8 +245,7 @@ def _judge_frozen(frozen: dict[torch.fx.Node, torch.Tensor]) -> Judge:
         tensors = _fold_tensors(match, frozen.get)
         if tensors is None:
             return False, None
-        eps = float(match.kwargs.get("eps", 0.0))
-        reason = _decide.unsafe_frozen(tensors, eps, **_layer_hyper(layer))
+        reason = _unsafe_values(match, layer, tensors)
         if not reason:
             return True, None
         layer.meta[_UNSAFE_META] = reason
@@ -260,8 +266,7 @@ def _judge_per_call(policy: str) -> Judge:
         # otherwise their values are only known at run time.
         constants = _fold_tensors(match, lambda node: _constant(module, node))
         if constants:
-            eps = float(match.kwargs.get("eps", 0.0))
-            reason = _decide.unsafe_frozen(constants, eps, **_layer_hyper(layer))
+            reason = _unsafe_values(match, layer, constants)
         else:
             value = layer.meta.get("val")
             dtype = value.dtype if isinstance(value, torch.Tensor) else None
