@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -96,30 +97,36 @@ def register_pattern(
     ``without_final_downcast``: register the traced pattern with its last node, a downcast
     from float32 to float16 or bfloat16, taken off, so that it matches a graph where
     Inductor removed that downcast (``replace_fn`` must then return float32). Returns
-    False, registering nothing, when the pattern does not end in such a downcast, or when
-    this torch takes no pre-traced pattern.
+    False, registering nothing, when the pattern does not end in such a downcast.
     """
     before = {id(e) for entries in _pattern_entries(pass_dict) for e in entries}
+    trace = functools.partial(_inference_trace, without_final_downcast=without_final_downcast)
     kwargs: dict[str, Any] = dict(extra_check=extra_check, scalar_workaround=scalar_workaround)
+    args = _pattern_args(search_fn, example_inputs, scalar_workaround)
+    if without_final_downcast and not _drop_final_downcast(fwd_only(search_fn, args).graph):
+        return False  # nothing to take off
     if _HAS_SEARCH_FN_PATTERN:
-        pattern = _exact_pattern(
-            search_fn, example_inputs, scalar_workaround, without_final_downcast
+        # register_replacement's own pattern ignores int, float, list and dtype literals,
+        # so it re-traces the search function with each match's real shapes to check the
+        # match exactly: the costly part of a match. The literals of conv -> batch_norm do
+        # not depend on the shapes (its only ints are unsqueeze dims), so the pattern traced
+        # here, literals kept, is exact for every match; torch 2.6 - 2.14 then skip the
+        # re-trace (2.15 re-traces all the same, once per set of shapes).
+        kwargs["search_fn_pattern"] = fx_to_pattern(
+            trace(search_fn, args),
+            argnames=list(inspect.signature(search_fn).parameters),
+            scalar_workaround=scalar_workaround,
         )
-        if pattern is None:
-            return False
-        kwargs["search_fn_pattern"] = pattern
-    elif without_final_downcast:
-        return False
     if _HAS_SKIP_DUPLICATES:  # torch >= 2.7
         kwargs["skip_duplicates"] = True
     elif isinstance(_SEEN_PATTERNS, set):  # torch 2.6: look for the duplicate first
         pattern = kwargs.get("search_fn_pattern") or _pattern_matcher.gen_pattern(
-            search_fn, example_inputs, fwd_only, scalar_workaround
+            search_fn, example_inputs, trace, scalar_workaround
         )
         if _pattern_matcher.PatternPrettyPrinter.run(pattern) in _SEEN_PATTERNS:
             return False
     registered = bool(
-        register_replacement(search_fn, replace_fn, example_inputs, fwd_only, pass_dict, **kwargs)
+        register_replacement(search_fn, replace_fn, example_inputs, trace, pass_dict, **kwargs)
     )
     if early_check is not None and registered:
         new = [e for entries in _pattern_entries(pass_dict) for e in entries if id(e) not in before]
@@ -146,28 +153,32 @@ def _drop_zero_adds(graph: torch.fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def _exact_pattern(
+def _inference_trace(
+    fn: Callable[..., Any], args: Any, *, without_final_downcast: bool = False, **kwargs: Any
+) -> torch.fx.GraphModule:
+    """``fwd_only``, then what Inductor's joint-graph passes do to the graphs a pattern is
+    matched against (``x + 0`` removed; with ``without_final_downcast``, a final downcast
+    to half precision removed). ``register_replacement`` traces the search function with
+    it twice: for the pattern, and, in torch 2.15, again with each match's real shapes to
+    check the match exactly; both traces must have the matched graph's form."""
+    gm = fwd_only(fn, args, **kwargs)
+    _drop_zero_adds(gm.graph)
+    if without_final_downcast:
+        _drop_final_downcast(gm.graph)
+    gm.recompile()
+    return gm
+
+
+def _pattern_args(
     search_fn: Callable[..., Any],
     example_inputs: list[Any],
     scalar_workaround: dict[str, float | int],
-    without_final_downcast: bool = False,
-) -> Any:
-    """The search pattern with its literals kept, the sentinel scalars made wildcards.
-
-    ``register_replacement`` traces a pattern that ignores int, float, list and dtype
-    literals, and so re-traces the search function with each match's real shapes to check
-    the match exactly: the costly part of a match. A pattern whose literals do not depend
-    on the example shapes (true of conv -> batch_norm: its only ints are unsqueeze dims)
-    can serve as that exact pattern itself, and the re-trace is skipped.
-    """
-    argnames = list(inspect.signature(search_fn).parameters)
+) -> list[Any]:
+    """The search function's arguments: the example tensors, and the sentinel scalars
+    that the pattern makes wildcards."""
     tensors = iter(example_inputs)
-    args = [scalar_workaround[n] if n in scalar_workaround else next(tensors) for n in argnames]
-    graph = fwd_only(search_fn, args)
-    _drop_zero_adds(graph.graph)
-    if without_final_downcast and not _drop_final_downcast(graph.graph):
-        return None
-    return fx_to_pattern(graph, argnames=argnames, scalar_workaround=scalar_workaround)
+    names = inspect.signature(search_fn).parameters
+    return [scalar_workaround[n] if n in scalar_workaround else next(tensors) for n in names]
 
 
 def _drop_final_downcast(graph: torch.fx.Graph) -> bool:
