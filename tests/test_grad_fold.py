@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import inductor_convbn
-from inductor_convbn import _compat, _decide, _pairs, verify
+from inductor_convbn import _compat, _decide, _pairs, _report, verify
 from inductor_convbn.testing import randomize_batch_norm
 
 CONVS = {
@@ -215,3 +215,75 @@ def test_unbatched_conv_input_is_skipped_with_grad(channels):
     assert report.folded == 0 and report.skipped == [("0", _pairs.CONV_NOT_BATCHED)], report
     inductor_convbn.install()
     torch.testing.assert_close(torch.compile(model)(x), model(x))
+
+
+class _TransposedChain(nn.Module):
+    """Three ConvTranspose3d -> BN3d pairs; the second conv called twice in a row, the third
+    BN applied again to its own output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.ConvTranspose3d(3, 4, 3, stride=2), nn.BatchNorm3d(4)
+        self.c2, self.b2 = nn.ConvTranspose3d(4, 4, 3, stride=2), nn.BatchNorm3d(4)
+        self.c3, self.b3 = nn.ConvTranspose3d(4, 5, 3, stride=2), nn.BatchNorm3d(5)
+
+    def forward(self, x):
+        x = self.b1(self.c1(x))
+        x = self.b2(self.c2(self.c2(x)))
+        x = self.b3(self.c3(x))
+        return self.b3(x) + x
+
+
+def _gradients_and_step(model, x, compiled):
+    model = copy.deepcopy(model)
+    run = torch.compile(model) if compiled else model
+    run(x).mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    torch.optim.SGD(model.parameters(), lr=1e-2).step()
+    with torch.no_grad():
+        return grads, model(x)
+
+
+def test_transposed_conv_gradients_match_float64():
+    """The folded bias of a transposed conv carried its kernel's float32 bias-gradient sum
+    (1e-2 of its size here) into the BN's affine gradients: 2e-2 off float64, three times
+    eager's own error. Added after the conv, it is summed as eager's BN sums it."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(_TransposedChain()).eval()
+    x = torch.rand(4, 3, 4, 4, 4)
+    eager, eager_out = _gradients_and_step(model, x, compiled=False)
+    exact, exact_out = _gradients_and_step(model.double(), x.double(), compiled=False)
+    inductor_convbn.install()
+    plugin, plugin_out = _gradients_and_step(model.float(), x, compiled=True)
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 3
+    for name, truth in exact.items():
+        scale = truth.abs().max()
+        error, eager_error = (plugin[name] - truth).abs().max(), (eager[name] - truth).abs().max()
+        assert error <= 1e-4 * scale + 2 * eager_error, name
+    # After one SGD step the model is as close to float64's as plain compile is to eager.
+    assert (plugin_out - exact_out).abs().max() <= 1e-4 * exact_out.abs().max()
+
+
+def test_verify_judges_gradients_by_the_error_eager_has_too():
+    torch.manual_seed(0)
+    model = randomize_batch_norm(_TransposedChain()).eval()
+    report = verify(model, torch.rand(4, 3, 4, 4, 4), grad=True)
+    assert report.outputs_match and report.folded == report.pairs == 3, report
+    assert report.eager_grad_error is not None and report.eager_grad_error > 1e-3, report
+    assert "vs float64 (eager's own" in str(report)
+
+
+def test_a_gradient_error_beyond_eagers_own_is_a_mismatch():
+    truth = [[torch.tensor([1.0, -2.0]), None, torch.tensor([0.0])]]
+    eager = [[torch.tensor([1.0, -2.01]), None, torch.tensor([1e-9])]]  # its own error
+    close = [[torch.tensor([1.0, -2.02]), None, torch.tensor([1e-8])]]
+    far = [[torch.tensor([1.0, -2.03]), None, torch.tensor([0.0])]]
+    zero_far = [[torch.tensor([1.0, -2.01]), None, torch.tensor([1e-3])]]  # 1e-3 > 2e-2 * rtol
+    missing = [[None, None, torch.tensor([0.0])]]
+    judge = _report._judge_gradients
+    assert judge(eager, close, truth, rtol=1e-4)[2]
+    assert not judge(eager, far, truth, rtol=1e-4)[2]
+    assert not judge(eager, zero_far, truth, rtol=1e-4)[2]
+    assert not judge(eager, missing, truth, rtol=1e-4)[2]
+    error, eager_error, match = judge(eager, far, None, rtol=1e-4)  # no float64: vs eager
+    assert not match and eager_error is None and error == pytest.approx(0.02 / 2.01)

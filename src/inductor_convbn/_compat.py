@@ -30,7 +30,7 @@ from torch._inductor.pattern_matcher import (
 )
 from torch._inductor.utils import run_and_get_code
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = [
     "CONFIG_IS_THREAD_LOCAL",
@@ -49,6 +49,7 @@ __all__ = [
     "register_pattern",
     "run_and_get_code",
     "tree_leaves",
+    "tree_map",
     "unset_fake_temporarily",
 ]
 

@@ -90,7 +90,12 @@ def _fold_pair(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
         )  # fmt: skip
         weight = graph.call_function(operator.getitem, (folded, 0))
         bias = graph.call_function(operator.getitem, (folded, 1))
-        conv.update(weight=weight, bias=bias)
+        # A transposed conv's bias gradient is the sum of its output gradient, which the
+        # CPU kernels (oneDNN) accumulate in float32 with errors of 1e-2 of its size on a
+        # large output; the folded bias carries the BN's affine gradients too. Added after
+        # the conv, it gets its gradient from Inductor's own reduction, as eager's BN does.
+        late_bias = bias if kind.transposed else None
+        conv.update(weight=weight, bias=None if kind.transposed else bias)
         names = kind.params
         given = [n for n in names if n in conv]
         positional = names[: next((i for i, n in enumerate(names) if n not in conv), None)]
@@ -99,8 +104,13 @@ def _fold_pair(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
             tuple(conv[n] for n in positional),
             {n: conv[n] for n in given if n not in positional},
         )
-    new_layer.meta = dict(layer.meta)
-    bn.replace_all_uses_with(new_layer)
+        new_layer.meta = dict(layer.meta)
+        result = new_layer
+        if late_bias is not None:
+            shape = graph.call_method("reshape", (late_bias, [-1] + [1] * kind.rank))
+            result = graph.call_function(operator.add, (new_layer, shape))
+            result.meta = dict(layer.meta)
+    bn.replace_all_uses_with(result)
     graph.erase_node(bn)
     graph.erase_node(layer)
     where = _pairs.describe_node(new_layer)
