@@ -287,3 +287,25 @@ def test_a_gradient_error_beyond_eagers_own_is_a_mismatch():
     assert not judge(eager, missing, truth, rtol=1e-4)[2]
     error, eager_error, match = judge(eager, far, None, rtol=1e-4)  # no float64: vs eager
     assert not match and eager_error is None and error == pytest.approx(0.02 / 2.01)
+
+
+def test_fold_counts_survive_the_aot_autograd_cache():
+    """On an AOT autograd cache hit the grad stage does not run; its folds are counted where
+    Inductor's caches replay counts, and the table says they came from the cache."""
+    model, x = _model("conv2d"), _input("conv2d")
+    first = verify(model, x, grad=True)
+    second = verify(model, x, grad=True)
+    assert first.folded == second.folded == second.pairs == 2, second
+    assert not second.missed and second.outputs_match, second
+    assert second.fx_graph_cache_hits > 0, second  # the case under test did happen
+    assert {p.reason for p in second.pair_reports} == {_pairs.FOLDED_CACHED}, second
+
+
+def test_unsafe_grad_decisions_survive_the_aot_autograd_cache():
+    model, x = _model("conv2d", dtype=torch.float16), _input("conv2d", torch.float16)
+    reports = [verify(model, x, grad=True) for _ in range(2)]
+    for report in reports:
+        assert report.folded == 0 and not report.missed and report.outputs_match, report
+        assert [p.status for p in report.pair_reports] == [_pairs.SKIPPED] * 2, report
+    assert reports[1].fx_graph_cache_hits > 0, reports[1]
+    assert {p.reason for p in reports[1].pair_reports} == {_pairs.UNSAFE_CACHED}, reports[1]

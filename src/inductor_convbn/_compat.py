@@ -44,6 +44,7 @@ __all__ = [
     "frozen_parameters",
     "get_hash_for_files",
     "inductor_config",
+    "is_backward_graph",
     "int_hint",
     "pattern_tracing_mode",
     "register_pattern",
@@ -280,3 +281,13 @@ def frozen_parameters() -> list[torch.Tensor]:
 
 def dynamo_reset() -> None:
     torch._dynamo.reset()
+
+
+def is_backward_graph(graph: torch.fx.Graph) -> bool:
+    """Whether ``graph`` is the backward half of an AOT autograd joint graph: AOT autograd
+    names the incoming gradients ``tangents_N`` (every release from torch 2.0 on; forward
+    inputs are ``primals_N``, inference inputs ``argN_1``)."""
+    return any(
+        n.op == "placeholder" and str(n.target).startswith("tangents")
+        for n in graph.find_nodes(op="placeholder")
+    )

@@ -11,6 +11,7 @@ names below, which Inductor replays on an FX graph cache hit.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -86,11 +87,38 @@ _decisions: list[Decision] = []
 _decisions_lock = threading.Lock()
 
 
-def record(decision: Decision) -> None:
-    """Keep ``decision`` for the verifier and count it."""
+def record(decision: Decision, *, count: bool = True) -> None:
+    """Keep ``decision`` for the verifier and count it (``count=False``: ``mark`` counts)."""
     with _decisions_lock:
         _decisions.append(decision)
-    _compat.counters["inductor"][decision.counter] += 1
+    if count:
+        _compat.counters["inductor"][decision.counter] += 1
+
+
+# The grad stage runs before AOT autograd, outside any compile whose counters Inductor's
+# caches replay: on an AOT autograd cache hit it does not run at all. So it marks the layer
+# node it decided on, the mark reaches the forward graph Inductor lowers (AOT autograd
+# copies ``meta["custom"]`` onto each node it traces from a marked one), and the per-call
+# stage counts the marks there, in a compile the FX graph cache replays counters for.
+MARK = "inductor_convbn"
+_mark_ids = itertools.count()
+
+
+def mark(node: torch.fx.Node, decision: Decision) -> None:
+    """Record ``decision`` uncounted, and mark ``node`` for ``count_marks`` to count."""
+    record(decision, count=False)
+    node.meta["custom"] = {**node.meta.get("custom", {}), MARK: (decision.counter, next(_mark_ids))}
+
+
+def count_marks(graph: torch.fx.Graph) -> int:
+    """Count the decisions marked on the nodes of a forward or inference graph (a backward
+    graph carries the same marks on the layer's gradient nodes); returns how many."""
+    if _compat.is_backward_graph(graph):
+        return 0
+    marks = {n.meta["custom"][MARK] for n in graph.nodes if MARK in n.meta.get("custom", {})}
+    for counter, _ in marks:
+        _compat.counters["inductor"][counter] += 1
+    return len(marks)
 
 
 def take_decisions() -> list[Decision]:

@@ -90,6 +90,7 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
             if frozen:
                 _registry.fold_frozen(graph, frozen)
         else:
+            _decide.count_marks(graph)  # the grad stage's decisions, where caches replay them
             _registry.fold_per_call(graph, policy=self.policy)
 
     def uuid(self) -> Any:

@@ -76,7 +76,7 @@ def _fold_pair(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
     unsafe = _decide.unsafe_unknown_values(getattr(output, "dtype", None), for_grad=True)
     if unsafe:  # float16, also under autocast
         where = _pairs.describe_node(layer)
-        _decide.record(_decide.Decision(where, False, unsafe, unsafe=True))
+        _decide.mark(layer, _decide.Decision(where, False, unsafe, unsafe=True))
         return False
     with graph.inserting_before(layer):
         # Traced by AOT autograd, which records the fold's ops and their backward.
@@ -114,5 +114,5 @@ def _fold_pair(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
     graph.erase_node(bn)
     graph.erase_node(layer)
     where = _pairs.describe_node(new_layer)
-    _decide.record(_decide.Decision(where, True, _pairs.FOLDED_FOR_GRAD))
+    _decide.mark(new_layer, _decide.Decision(where, True, _pairs.FOLDED_FOR_GRAD))
     return True
