@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +24,15 @@ DEFAULT_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (2e-2, 2e-2),
     torch.bfloat16: (8e-2, 8e-2),
 }
+
+
+# Gradients are judged at this multiple of the output's rtol. A fold moves the BN's affine
+# gradients into the conv's weight and bias gradients (dL/dgamma = sum(dL/dw' * w) / std
+# + dL/db' * (b - mean) / std): two sums over the batch and the image whose difference
+# cancels to the true value, since the running mean is the conv output's mean. In float32
+# that difference is 1e-4 - 3e-4 of its size on a large output (ConvTranspose3d, 2M
+# elements); PyTorch's own efficient_conv_bn_eval computes it the same way.
+GRAD_RTOL_FACTOR = 10
 
 
 @dataclasses.dataclass
@@ -176,8 +186,9 @@ def verify(
     Tolerances default per output dtype (``DEFAULT_TOLERANCES``). ``policy`` is
     ``install()``'s; ``freezing`` compiles with Inductor freezing on. ``grad=True`` runs
     with gradients instead (an eval model called without ``no_grad``, or frozen-BN
-    fine-tuning) and also compares the gradients of the parameters with eager's, each
-    relative to its largest element. Calls from several threads run one at a time; a
+    fine-tuning) and also compares the parameters' gradients with those of a float64 copy
+    of the eager model: the plugin's error may exceed eager's own by ``GRAD_RTOL_FACTOR *
+    rtol`` of each gradient's size (``_judge_gradients``). Calls from several threads run one at a time; a
     model compiled in another thread meanwhile, outside ``verify()``, is counted too.
     """
     if not isinstance(model, torch.nn.Module):
@@ -217,8 +228,8 @@ def verify(
             actual = compiled(*example_inputs)
             grads = (
                 (
-                    _gradients(reference, expected),
-                    _gradients(candidate, actual),
+                    _gradients(reference, reference, expected, example_inputs),
+                    _gradients(candidate, compiled, actual, example_inputs),
                     _float64_gradients(reference, example_inputs),
                 )
                 if grad
@@ -238,7 +249,9 @@ def verify(
         outputs_match = False
     grad_error = eager_grad_error = None
     if grads is not None:
-        grad_error, eager_grad_error, grads_match = _judge_gradients(*grads, rtol=rtol)
+        grad_error, eager_grad_error, grads_match = _judge_gradients(
+            *grads, rtol=GRAD_RTOL_FACTOR * rtol
+        )
         outputs_match = outputs_match and grads_match
     names = {name for name, _ in model.named_modules()}
     rename = _pairs.module_name
@@ -268,31 +281,42 @@ def verify(
 Gradients = list[list[torch.Tensor | None]]  # per output gradient, per parameter
 
 
-def _gradients(model: torch.nn.Module, output: Any) -> Gradients:
+def _gradients(
+    model: torch.nn.Module, run: Callable[..., Any], output: Any, inputs: tuple[Any, ...]
+) -> Gradients:
     """The gradients of ``model``'s parameters for two output gradients: a fixed
-    pseudo-random one, and a constant one (the loss ``out.mean()``).
+    pseudo-random one on ``output``, then a constant one (the loss ``out.mean()``) on a
+    second ``run(*inputs)``. (Not one output with ``retain_graph``: a compiled backward
+    may reuse its saved tensors' memory, and is right only once.)
 
     Random, because BN's output sums to a constant per channel in training mode, and a
     sum alone would hide an error in the normalisation; constant, because with it every
     bias gradient is a sum over the whole output, where summation error shows most.
     """
-    generator = torch.Generator().manual_seed(0)
-    outputs = [
-        t for t in _compat.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad
-    ]
     params = [p for p in model.parameters() if p.requires_grad]
-    if not outputs or not params:
-        raise ValueError("verify(grad=True): no output or no parameter requires grad")
-    random = [torch.randn(t.shape, generator=generator, dtype=torch.float32) for t in outputs]
-    constant = [torch.full(t.shape, 1.0 / t.numel()) for t in outputs]
+    generator = torch.Generator().manual_seed(0)
     grads: Gradients = []
-    for last, cotangents in enumerate((random, constant)):
+    for second in (False, True):
+        if second:
+            output = run(*inputs)
+        outputs = [
+            t
+            for t in _compat.tree_leaves(output)
+            if isinstance(t, torch.Tensor) and t.requires_grad
+        ]
+        if not outputs or not params:
+            raise ValueError("verify(grad=True): no output or no parameter requires grad")
+        cotangents = [
+            torch.full(t.shape, 1.0 / t.numel())
+            if second
+            else torch.randn(t.shape, generator=generator, dtype=torch.float32)
+            for t in outputs
+        ]
         found = torch.autograd.grad(
             outputs,
             params,
             [c.to(t) for c, t in zip(cotangents, outputs, strict=True)],
             allow_unused=True,
-            retain_graph=not last,
         )
         grads.append([None if g is None else g.detach() for g in found])
     return grads
@@ -309,8 +333,8 @@ def _float64_gradients(model: torch.nn.Module, example_inputs: tuple[Any, ...]) 
 
     exact = copy.deepcopy(model).double()
     try:
-        output = exact(*_compat.tree_map(to_float64, example_inputs))
-        return _gradients(exact, output)
+        inputs = _compat.tree_map(to_float64, example_inputs)
+        return _gradients(exact, exact, exact(*inputs), inputs)
     except (RuntimeError, TypeError, NotImplementedError):
         return None
 
