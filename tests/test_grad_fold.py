@@ -316,3 +316,74 @@ def test_unsafe_grad_decisions_survive_the_aot_autograd_cache():
     assert reports[1].fx_graph_cache_hits > 0, reports[1]
     reasons = {p.reason for p in reports[1].pair_reports}
     assert reasons <= {_pairs.UNSAFE_CACHED, reports[0].pair_reports[0].reason}, reports[1]
+
+
+class _MultiUser(nn.Module):
+    """PyTorch's own efficient_conv_bn_eval test model: three foldable pairs."""
+
+    def __init__(self, conv, bn, bias, **kwargs):
+        super().__init__()
+        self.conv1, self.bn1 = conv(3, 8, bias=bias, **kwargs), bn(8)
+        self.conv2, self.bn2 = conv(8, 8, bias=bias, **kwargs), bn(8)
+        self.conv3, self.bn3 = conv(8, 8, bias=bias, **kwargs), bn(8)
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(input=x))
+        x = self.bn2(input=self.conv2(self.conv2(x)))  # only the second call is a pair
+        x = self.bn3(input=self.conv3(input=x))
+        return self.bn3(x) + x  # the second BN call follows no conv
+
+
+_LAYERS = {
+    "linear": (nn.Linear, nn.BatchNorm1d, 0),
+    "conv1d": (nn.Conv1d, nn.BatchNorm1d, 1),
+    "conv2d": (nn.Conv2d, nn.BatchNorm2d, 2),
+    "conv3d": (nn.Conv3d, nn.BatchNorm3d, 3),
+    "conv_transpose1d": (nn.ConvTranspose1d, nn.BatchNorm1d, 1),
+    "conv_transpose2d": (nn.ConvTranspose2d, nn.BatchNorm2d, 2),
+    "conv_transpose3d": (nn.ConvTranspose3d, nn.BatchNorm3d, 3),
+}
+
+
+def _aten_level(model, x, front):
+    """``model`` as a graph of aten calls, as PyTorch's own test and torch.export give it."""
+    if front == "export":
+        return torch.export.export(model, (x,)).module()
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with enable_python_dispatcher():
+        return make_fx(model, pre_dispatch=True)(x)
+
+
+@pytest.mark.parametrize("front", ["module", "make_fx", "export"])
+@pytest.mark.parametrize("layer", list(_LAYERS))
+def test_efficient_conv_bn_eval_cases_fold_and_train_like_eager(layer, front):
+    """PyTorch's efficient_conv_bn_eval test, on the plugin: every pair folded (aten-level
+    graphs too), the outputs before and after one SGD step as eager's."""
+    conv, bn, rank = _LAYERS[layer]
+    kwargs = {} if rank == 0 else {"kernel_size": 3, "stride": 2}
+    torch.manual_seed(0)
+    eager = randomize_batch_norm(_MultiUser(conv, bn, bias=rank != 2, **kwargs)).eval()
+    x = torch.rand(4, 3, *[4 if conv.__name__.startswith("ConvT") else 40] * rank)
+    plugin = copy.deepcopy(eager)
+    if front != "module":
+        plugin = _aten_level(plugin, x, front)
+    inductor_convbn.install()
+    compiled = torch.compile(plugin)
+    outputs = []
+    for model, run in ((eager, eager), (plugin, compiled)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        first = run(x)
+        first.mean().backward()
+        optimizer.step()
+        outputs.append((first.detach(), run(x + 0.5).detach()))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=2e-5)
+    assert _compat.counters["inductor"][_decide.COUNTER_FOLDED] == 3
+
+
+@pytest.mark.parametrize("front", ["make_fx", "export"])
+def test_aten_level_pairs_are_reported(front):
+    model, x = _model("conv2d"), _input("conv2d")
+    report = verify(_aten_level(model, x, front), x, grad=True)
+    assert report.pairs == report.folded == 2 and report.outputs_match, report

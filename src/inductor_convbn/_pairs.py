@@ -78,11 +78,24 @@ LAYER_KINDS: tuple[LayerKind, ...] = (
     ),
     LayerKind("linear", 0, False, nn.Linear, F.linear, _LINEAR_PARAMS),
 )  # fmt: skip
-_BY_FUNCTION = {k.function: k for k in LAYER_KINDS}
+
+
+def _aten_overloads(name: str) -> list[Any]:
+    # A graph of aten calls (dynamo tracing a torch.export or pre-dispatch make_fx module)
+    # calls the op of the kind's name, ``torch.ops.aten.conv2d.default``, with the
+    # torch-level parameters; ``out=`` overloads write elsewhere and are not layers.
+    packet = getattr(torch.ops.aten, name)
+    return [getattr(packet, o) for o in packet.overloads() if o != "out"]
+
+
+_BY_FUNCTION = {k.function: k for k in LAYER_KINDS} | {
+    op: k for k in LAYER_KINDS for op in _aten_overloads(k.name)
+}
 
 
 def layer_kind_of_function(target: Any) -> LayerKind | None:
-    """The layer kind of a ``call_function`` target of dynamo's graph, else None."""
+    """The layer kind of a ``call_function`` target of dynamo's graph (a torch function,
+    or the aten op of the same name and parameters), else None."""
     try:
         return _BY_FUNCTION.get(target)
     except TypeError:  # an unhashable target
@@ -121,7 +134,9 @@ _TORCH_BATCH_NORM_PARAMS = (
     "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
     "cudnn_enabled",
 )  # fmt: skip
-BATCH_NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)
+# torch.batch_norm and the aten op share their parameters.
+_POSITIONAL_BATCH_NORMS = (torch.batch_norm, torch.ops.aten.batch_norm.default)
+BATCH_NORM_FUNCTIONS = (F.batch_norm, *_POSITIONAL_BATCH_NORMS)
 # Exact types: a subclass may change forward, and then the fold would not compute it.
 BATCH_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -129,9 +144,10 @@ BATCH_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBat
 def bind_batch_norm(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """A ``batch_norm`` call's arguments by ``F.batch_norm``'s names, defaults filled in.
 
-    Takes ``F.batch_norm`` and ``torch.batch_norm`` calls, positional or by keyword.
+    Takes ``F.batch_norm``, ``torch.batch_norm`` and ``aten.batch_norm`` calls,
+    positional or by keyword.
     """
-    if target is torch.batch_norm:
+    if target in _POSITIONAL_BATCH_NORMS:
         arguments = dict(zip(_TORCH_BATCH_NORM_PARAMS, args, strict=False))
         arguments.update(kwargs)
         arguments.pop("cudnn_enabled", None)
