@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from inductor_convbn import fold_conv_bn_weights
+from inductor_convbn._fold import fold_conv_affine_weights
 from inductor_convbn.testing import randomize_batch_norm
 
 CONVS = {
@@ -95,3 +96,31 @@ def test_fold_keeps_float64_precision():
     torch.testing.assert_close(
         bias, (conv.bias - bn.running_mean) * scale + bn.bias, rtol=1e-14, atol=1e-15
     )
+
+
+@pytest.mark.parametrize("rank", [0, 2, 3])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shift", [False, True])
+def test_affine_fold_matches_conv_then_scale_and_shift(rank, transposed, bias, shift):
+    if rank == 0 and transposed:
+        pytest.skip("a linear layer is not transposed")
+    torch.manual_seed(0)
+    groups = 1 if rank == 0 else 2
+    if rank == 0:
+        layer = nn.Linear(4, 6, bias=bias).double()
+    else:
+        cls = CONVS[rank][1 if transposed else 0]
+        layer = cls(4, 6, 3, groups=groups, bias=bias, stride=2).double()
+    x = torch.randn(2, 4, *[5] * rank, dtype=torch.double)
+    per_channel = (1, 6) + (1,) * rank
+    scale = torch.rand(per_channel, dtype=torch.double) + 0.5
+    offset = torch.randn(per_channel, dtype=torch.double) if shift else None
+    weight, folded_bias = fold_conv_affine_weights(
+        layer.weight, layer.bias, scale, offset, transposed=transposed, groups=groups
+    )
+    folded = type(layer).__new__(type(layer))
+    folded.__dict__ = dict(layer.__dict__)
+    folded._parameters = {"weight": nn.Parameter(weight), "bias": nn.Parameter(folded_bias)}
+    expected = layer(x) * scale + (0 if offset is None else offset)
+    torch.testing.assert_close(folded(x), expected)

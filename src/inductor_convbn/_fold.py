@@ -6,6 +6,10 @@ An eval BatchNorm is an affine map per channel, so ``bn(conv(x)) == conv'(x)`` w
     w'    = w * scale      (over the output-channel axis of w)
     b'    = (b - running_mean) * scale + bn_bias      (b = 0 when the conv has no bias)
 
+A per-channel affine map ``y * scale + shift`` (a frozen BN, whose statistics are buffers
+folded into ``scale`` and ``shift`` in its forward) folds the same way:
+``w' = w * scale``, ``b' = b * scale + shift`` (``fold_conv_affine_weights``).
+
 The math runs in float32 (float64 for a float64 layer) and the result is cast back to the conv
 weight's dtype, so every model loses no more precision than one rounding of the folded weight.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fold_conv_bn_weights"]
+__all__ = ["fold_conv_affine_weights", "fold_conv_bn_weights"]
 
 
 def fold_conv_bn_weights(
@@ -41,19 +45,44 @@ def fold_conv_bn_weights(
     if bn_weight is not None:
         scale = scale * bn_weight.to(dtype)
 
-    weight = conv_weight.to(dtype)
-    kernel_dims = [1] * (weight.dim() - 2)
-    if transposed:
-        # Output channel g * (out / groups) + j of a transposed conv lives at
-        # weight[g * (in / groups) + i, j]: scale dim 1 within each group.
-        weight = weight.unflatten(0, (groups, -1)) * scale.reshape(groups, 1, -1, *kernel_dims)
-        weight = weight.flatten(0, 1)
-    else:
-        weight = weight * scale.reshape(-1, *[1] * (weight.dim() - 1))
-
+    weight = _scale_out_channels(conv_weight.to(dtype), scale, transposed, groups)
     mean = running_mean.to(dtype)
     bias = -mean if conv_bias is None else conv_bias.to(dtype) - mean
     bias = bias * scale
     if bn_bias is not None:
         bias = bias + bn_bias.to(dtype)
     return weight.to(conv_weight.dtype), bias.to(conv_weight.dtype)
+
+
+def fold_conv_affine_weights(
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(weight, bias)`` of the layer that computes ``conv(x) * scale + shift``,
+    for a ``scale`` and ``shift`` per output channel (of any shape that broadcasts along
+    the channel dim only: a frozen BN's ``(1, C, 1, 1)``, or one element for all)."""
+    dtype = torch.promote_types(conv_weight.dtype, torch.float32)
+    channels = conv_weight.shape[1] * groups if transposed else conv_weight.shape[0]
+    scale = scale.to(dtype).reshape(-1).expand(channels)
+    weight = _scale_out_channels(conv_weight.to(dtype), scale, transposed, groups)
+    bias = torch.zeros_like(scale) if conv_bias is None else conv_bias.to(dtype) * scale
+    if shift is not None:
+        bias = bias + shift.to(dtype).reshape(-1).expand(channels)
+    return weight.to(conv_weight.dtype), bias.to(conv_weight.dtype)
+
+
+def _scale_out_channels(
+    weight: torch.Tensor, scale: torch.Tensor, transposed: bool, groups: int
+) -> torch.Tensor:
+    kernel_dims = [1] * (weight.dim() - 2)
+    if transposed:
+        # Output channel g * (out / groups) + j of a transposed conv lives at
+        # weight[g * (in / groups) + i, j]: scale dim 1 within each group.
+        weight = weight.unflatten(0, (groups, -1)) * scale.reshape(groups, 1, -1, *kernel_dims)
+        return weight.flatten(0, 1)
+    return weight * scale.reshape(-1, *[1] * (weight.dim() - 1))

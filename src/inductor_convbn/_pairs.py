@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import operator
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -24,7 +25,9 @@ __all__ = [
     "LayerKind",
     "PairReport",
     "PairTable",
+    "affine_reason",
     "bind_batch_norm",
+    "bind_channel_affine",
     "describe_node",
     "format_pairs",
     "layer_kind_of_function",
@@ -157,6 +160,77 @@ def bind_batch_norm(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) ->
     return dict(bound.arguments)
 
 
+# --- Per-channel affine maps (frozen BatchNorm) -------------------------------------------
+
+_MULS = (operator.mul, torch.mul)
+_ADDS = (operator.add, torch.add)
+
+
+def _operands(
+    node: torch.fx.Node, functions: tuple[Any, ...], method: str
+) -> tuple[Any, Any] | None:
+    """The two operands of ``a * b`` / ``a + b`` (as an operator, a torch function or a
+    method, no ``alpha`` or ``out``), else None."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    if (node.op == "call_function" and node.target in functions) or (
+        node.op == "call_method" and node.target == method
+    ):
+        return node.args[0], node.args[1]
+    return None
+
+
+def bind_channel_affine(layer: torch.fx.Node) -> dict[str, Any] | None:
+    """``layer(...) * scale + shift`` (either operand order; the shift may be missing), the
+    form of a frozen BatchNorm's forward, as ``{"scale", "shift", "output"}``; else None.
+
+    Found by what the graph computes, not by a module's class: torchvision's and
+    detectron2's ``FrozenBatchNorm2d`` compute ``x * scale + shift`` from buffers in forward.
+    Only the operands are bound here; ``affine_reason`` says whether they are per channel.
+    """
+    if len(layer.users) != 1:
+        return None
+    mul = next(iter(layer.users))
+    operands = _operands(mul, _MULS, "mul")
+    if operands is None or (operands[0] is layer) == (operands[1] is layer):
+        return None
+    scale = operands[1] if operands[0] is layer else operands[0]
+    bound = {"scale": scale, "shift": None, "output": mul}
+    if len(mul.users) == 1:
+        add = next(iter(mul.users))
+        operands = _operands(add, _ADDS, "add")
+        if operands is not None and (operands[0] is mul) != (operands[1] is mul):
+            bound["shift"] = operands[1] if operands[0] is mul else operands[0]
+            bound["output"] = add
+    return bound
+
+
+def affine_reason(layer_value: Any, bound: dict[str, Any]) -> str:
+    """Why ``bind_channel_affine``'s map is not a fold of the layer's output channels; ""
+    when it is: each operand a tensor of the layer's dtype that varies along dim 1 only
+    (no batch dim: a scale computed per sample folds into no one weight)."""
+    if not isinstance(layer_value, torch.Tensor) or layer_value.dim() < 2:
+        return AFFINE_NOT_PER_CHANNEL
+    channels = layer_value.shape[1]
+    for operand in (bound["scale"], bound["shift"]):
+        if operand is None and operand is bound["shift"]:
+            continue
+        value = (
+            operand.meta.get("example_value", operand.meta.get("val"))
+            if isinstance(operand, torch.fx.Node)
+            else None
+        )
+        if not isinstance(value, torch.Tensor) or value.dtype != layer_value.dtype:
+            return AFFINE_NOT_PER_CHANNEL
+        shape = [1] * (layer_value.dim() - value.dim()) + list(value.shape)
+        if len(shape) != layer_value.dim() or any(
+            not (isinstance(d, int) and (d == 1 or (i == 1 and d == channels)))
+            for i, d in enumerate(shape)
+        ):
+            return AFFINE_NOT_PER_CHANNEL
+    return ""
+
+
 # --- Statuses and reasons -----------------------------------------------------------------
 
 FOLDED = "folded"
@@ -183,6 +257,8 @@ NOT_A_CONV = "the layer is not an nn.Conv1d/2d/3d: there is no fused training la
 BN_TYPE = "the BN is not the nn.BatchNorm of the conv's rank (SyncBatchNorm is not fused)"
 FUNCTIONAL_BN = "a functional batch_norm: only BatchNorm modules are swapped"
 TENSORS_READ = "the model reads the conv's or the BN's tensors elsewhere in forward"
+# A layer followed by ``* scale + shift`` that is no per-channel affine map (not reported).
+AFFINE_NOT_PER_CHANNEL = "the scale or shift is not one value per output channel"
 
 # How the plugin folded a pair.
 FOLDED_ONCE = "once, at compile time (freezing)"
@@ -200,7 +276,15 @@ FLOAT16_FOR_GRAD = (
     "float16 in a graph that needs gradients: the folded weight can overflow float16 where "
     "conv and BN apart do not, and its values are not known when compiling"
 )
+AFFINE_FLOAT16 = (
+    "a frozen BN in float16: its fold is made before its values are known, and the folded "
+    "weight can overflow float16 where conv and BN apart do not"
+)
 # Why the "auto" policy keeps a pair unfolded without freezing: it would cost time.
+KEPT_AFFINE_PER_CALL = (
+    "a frozen BN without freezing: folding it every call is not judged worth it (compile "
+    "with freezing to fold it once, or use policy='always')"
+)
 KEPT_BIAS_PEELED = (
     "on {device}, Inductor adds a conv bias in a pointwise kernel just as it applies "
     "the BN, so folding every call only adds work (compile with freezing to fold once)"

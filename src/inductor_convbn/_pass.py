@@ -31,6 +31,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 HOOKS = {
     "grad": "pre_grad_custom_pass",  # dynamo's graph, before AOT autograd
     "freezing": "joint_custom_post_pass",  # before freezing makes parameters constants
+    "count": "post_grad_custom_pre_pass",  # the graph Inductor lowers, before its own passes
     "per_call": "post_grad_custom_post_pass",  # the graph Inductor lowers
 }
 # The stage names of 0.1.0, which named two stages after their hooks.
@@ -52,7 +53,9 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
     output. ``"freezing"`` runs on the graph AOT autograd hands Inductor, before freezing
     turns parameters into constants, and folds only pairs whose parameters freezing will
     make constants, so their folded weights are computed once, at compile time.
-    ``"per_call"`` runs on the graph Inductor lowers, where a fold is recomputed on every
+    ``"count"`` counts the decisions the grad stage marked (``_decide.count_marks``), on
+    the graph Inductor lowers before its own passes replace nodes and drop the marks: there
+    Inductor's caches replay the counts. ``"per_call"`` runs on the graph Inductor lowers, where a fold is recomputed on every
     call, from the live parameters; ``policy`` (``_decide.POLICIES``) says where that pays.
 
     Being a ``CustomGraphPass`` with a ``uuid()`` keeps Inductor's FX graph cache on: a
@@ -84,13 +87,14 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
         for other in self._chained():
             other(graph)
         if self.stage == "grad":
-            _pregrad.fold_for_grad(graph)
+            _pregrad.fold_for_grad(graph, policy=self.policy)
         elif self.stage == "freezing":
             frozen = _compat.frozen_parameters()
             if frozen:
                 _registry.fold_frozen(graph, frozen)
+        elif self.stage == "count":
+            _decide.count_marks(graph)
         else:
-            _decide.count_marks(graph)  # the grad stage's decisions, where caches replay them
             _registry.fold_per_call(graph, policy=self.policy)
 
     def uuid(self) -> Any:

@@ -1,4 +1,4 @@
-"""The ``"grad"`` stage: fold eval BatchNorm into the conv in graphs that need gradients.
+"""The ``"grad"`` stage: fold in dynamo's graph, before AOT autograd.
 
 When a compiled graph needs gradients (an eval model called without ``torch.no_grad()``,
 or frozen-BN fine-tuning), AOT autograd saves the conv output for the BN's backward, so
@@ -7,6 +7,10 @@ before AOT autograd, on the graph dynamo captured, and replaces ``batch_norm(con
 b))`` with ``conv(x, w', b')`` where ``w', b'`` are computed from ``w``, ``b`` and the BN
 tensors by ``fold_conv_bn_weights``, a differentiable function: gradients reach the conv
 weight and the BN's affine parameters, and the conv output need not be saved.
+
+A frozen BatchNorm (``conv(x) * scale + shift`` per channel, ``_pairs.bind_channel_affine``)
+is folded here in every graph, with gradients or without: no later stage knows its form.
+Under freezing its fold is computed from constants, so Inductor computes it once.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from typing import Any, cast
 
 import torch
 
-from . import _decide, _pairs
-from ._fold import fold_conv_bn_weights
+from . import _compat, _decide, _pairs
+from ._fold import fold_conv_affine_weights, fold_conv_bn_weights
 
 __all__ = ["fold_for_grad"]
 
@@ -32,33 +36,50 @@ def _requires_grad(node: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
 
 
-def fold_for_grad(graph: torch.fx.Graph) -> int:
-    """Fold each eval conv -> batch_norm pair of a dynamo graph that gradients flow through.
+def fold_for_grad(graph: torch.fx.Graph, *, policy: str = "auto") -> int:
+    """Fold each eval conv -> batch_norm pair of a dynamo graph that gradients flow through,
+    and each conv -> frozen BN pair of any graph. Returns how many pairs it folded.
 
-    Does nothing when grad mode is off: AOT autograd then builds an inference graph, and
-    the later stages fold there. Returns how many pairs it folded.
+    With grad mode off AOT autograd builds an inference graph, where the later stages fold
+    the batch norms; a frozen BN is folded here then too: under freezing, or with
+    ``policy="always"``.
     """
-    if not torch.is_grad_enabled():
-        return 0
+    grad = torch.is_grad_enabled()
+    folded = 0
     with _decide.pass_time.timing():
-        return sum(_fold_pair(graph, bn) for bn in list(graph.nodes))
+        for node in list(graph.nodes):
+            if node.graph is not graph or node.op != "call_function":
+                continue  # erased by an earlier fold
+            if grad and node.target in _pairs.BATCH_NORM_FUNCTIONS:
+                folded += _fold_batch_norm(graph, node)
+            elif _pairs.layer_kind_of_function(node.target) is not None:
+                folded += _fold_affine(graph, node, grad=grad, policy=policy)
+    return folded
 
 
-def _fold_pair(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
-    """Fold the pair ending at ``bn`` when it is one this stage folds; say whether it did."""
-    if bn.op != "call_function" or bn.target not in _pairs.BATCH_NORM_FUNCTIONS:
-        return False
-    norm = _pairs.bind_batch_norm(bn.target, bn.args, bn.kwargs)
-    layer = norm["input"]
+def _bind_layer(layer: Any) -> tuple[_pairs.LayerKind, dict[str, Any]] | None:
     if not isinstance(layer, torch.fx.Node) or layer.op != "call_function":
-        return False
+        return None
     kind = _pairs.layer_kind_of_function(layer.target)
     if kind is None:
-        return False
+        return None
     try:
         conv = _pairs.bind_layer(kind, layer.args, layer.kwargs)
     except ValueError:
+        return None
+    if not isinstance(conv.get("groups", 1), int):
+        return None
+    return kind, conv
+
+
+def _fold_batch_norm(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
+    """Fold the pair ending at ``bn`` when it is one this stage folds; say whether it did."""
+    norm = _pairs.bind_batch_norm(bn.target, bn.args, bn.kwargs)
+    layer = norm["input"]
+    bound = _bind_layer(layer)
+    if bound is None:
         return False
+    kind, conv = bound
     output = _example(layer)
     reason = _pairs.reason_not_to_fold(
         kind,
@@ -67,8 +88,7 @@ def _fold_pair(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
         other_users=len(layer.users) > 1,
         output_rank=output.dim() if isinstance(output, torch.Tensor) else None,
     )
-    groups = conv.get("groups", 1)
-    if reason or not isinstance(norm["eps"], (int, float)) or not isinstance(groups, int):
+    if reason or not isinstance(norm["eps"], (int, float)):
         return False  # the verifier reports it; the later stages do not fold it either
     tensors = (conv["input"], conv["weight"], conv.get("bias"), norm["weight"], norm["bias"])
     if not any(_requires_grad(t) for t in tensors):
@@ -78,24 +98,75 @@ def _fold_pair(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
         where = _pairs.describe_node(layer)
         _decide.mark(layer, _decide.Decision(where, False, unsafe, unsafe=True))
         return False
-    with graph.inserting_before(layer):
+    fold_args = (
+        conv["weight"], conv.get("bias"), norm["running_mean"], norm["running_var"],
+        float(norm["eps"]), norm["weight"], norm["bias"],
+    )  # fmt: skip
+    _replace(graph, layer, kind, conv, (fold_conv_bn_weights, fold_args), [bn], grad=True)
+    return True
+
+
+def _fold_affine(graph: torch.fx.Graph, layer: torch.fx.Node, *, grad: bool, policy: str) -> bool:
+    """Fold ``layer(...) * scale + shift`` per channel when this stage folds it."""
+    bound = _bind_layer(layer)
+    affine = _pairs.bind_channel_affine(layer)
+    if bound is None or affine is None:
+        return False
+    kind, conv = bound
+    output = _example(layer)
+    if _pairs.affine_reason(output, affine):
+        return False  # some other arithmetic: no pair
+    where = _pairs.describe_node(layer)
+    if _pairs.rank_reason(kind, output.dim()):
+        return False  # the verifier reports it
+    if output.dtype == torch.float16:  # the fold is made before its values are known
+        _decide.mark(layer, _decide.Decision(where, False, _pairs.AFFINE_FLOAT16, unsafe=True))
+        return False
+    if grad:
+        how = _pairs.FOLDED_FOR_GRAD
+    elif _compat.inductor_config.freezing:
+        how = _pairs.FOLDED_ONCE
+    elif policy == "always":
+        how = _pairs.FOLDED_PER_CALL
+    else:
+        _decide.mark(layer, _decide.Decision(where, False, _pairs.KEPT_AFFINE_PER_CALL))
+        return False
+    fold_args = (conv["weight"], conv.get("bias"), affine["scale"], affine["shift"])
+    mul = next(iter(layer.users))
+    chain = [affine["output"]] if affine["output"] is mul else [affine["output"], mul]
+    fold = (fold_conv_affine_weights, fold_args)
+    _replace(graph, layer, kind, conv, fold, chain, grad=grad, how=how)
+    return True
+
+
+def _replace(
+    graph: torch.fx.Graph,
+    layer: torch.fx.Node,
+    kind: _pairs.LayerKind,
+    conv: dict[str, Any],
+    fold: tuple[Callable[..., Any], tuple[Any, ...]],
+    chain: list[torch.fx.Node],
+    *,
+    grad: bool,
+    how: str = _pairs.FOLDED_FOR_GRAD,
+) -> None:
+    """Replace ``layer`` and the nodes after it, ``chain`` (the last one first), with the
+    layer called on the folded weight and bias, computed in the graph by ``fold``."""
+    output = chain[0]
+    fold_fn, fold_args = fold
+    with graph.inserting_before(output):
         # Traced by AOT autograd, which records the fold's ops and their backward.
         folded = graph.call_function(
-            fold_conv_bn_weights,
-            (
-                conv["weight"], conv.get("bias"), norm["running_mean"], norm["running_var"],
-                float(norm["eps"]), norm["weight"], norm["bias"],
-            ),
-            {"transposed": kind.transposed, "groups": groups},
-        )  # fmt: skip
+            fold_fn, fold_args, {"transposed": kind.transposed, "groups": conv.get("groups", 1)}
+        )
         weight = graph.call_function(operator.getitem, (folded, 0))
         bias = graph.call_function(operator.getitem, (folded, 1))
         # A transposed conv's bias gradient is the sum of its output gradient, which the
         # CPU kernels (oneDNN) accumulate in float32 with errors of 1e-2 of its size on a
         # large output; the folded bias carries the BN's affine gradients too. Added after
         # the conv, it gets its gradient from Inductor's own reduction, as eager's BN does.
-        late_bias = bias if kind.transposed else None
-        conv.update(weight=weight, bias=None if kind.transposed else bias)
+        late_bias = bias if grad and kind.transposed else None
+        conv = {**conv, "weight": weight, "bias": None if late_bias is not None else bias}
         names = kind.params
         given = [n for n in names if n in conv]
         positional = names[: next((i for i, n in enumerate(names) if n not in conv), None)]
@@ -110,9 +181,7 @@ def _fold_pair(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
             shape = graph.call_method("reshape", (late_bias, [-1] + [1] * kind.rank))
             result = graph.call_function(operator.add, (new_layer, shape))
             result.meta = dict(layer.meta)
-    bn.replace_all_uses_with(result)
-    graph.erase_node(bn)
-    graph.erase_node(layer)
-    where = _pairs.describe_node(new_layer)
-    _decide.mark(new_layer, _decide.Decision(where, True, _pairs.FOLDED_FOR_GRAD))
-    return True
+    output.replace_all_uses_with(result)
+    for node in [*chain, layer]:
+        graph.erase_node(node)
+    _decide.mark(new_layer, _decide.Decision(_pairs.describe_node(new_layer), True, how))

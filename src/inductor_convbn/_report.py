@@ -130,6 +130,10 @@ def find_pairs(gm: torch.fx.GraphModule) -> list[Pair]:
     """
     pairs = []
     for node in gm.graph.nodes:
+        affine = _frozen_batch_norm(gm, node)
+        if affine is not None:
+            pairs.append(affine)
+            continue
         norm = _batch_norm(gm, node)
         if norm is None or not isinstance(norm["input"], torch.fx.Node):
             continue
@@ -146,6 +150,19 @@ def find_pairs(gm: torch.fx.GraphModule) -> list[Pair]:
         )
         pairs.append((_pairs.describe_node(layer), _pairs.describe_node(node), kind.name, reason))
     return pairs
+
+
+def _frozen_batch_norm(gm: torch.fx.GraphModule, layer: torch.fx.Node) -> Pair | None:
+    """``layer`` and the per-channel affine map after it (a frozen BN), as a pair."""
+    kind = _layer_kind(gm, layer)
+    affine = _pairs.bind_channel_affine(layer) if kind is not None else None
+    if kind is None or affine is None:
+        return None
+    value = layer.meta.get("example_value", layer.meta.get("val"))
+    if _pairs.affine_reason(value, affine):
+        return None
+    reason = _pairs.rank_reason(kind, _rank(layer))
+    return _pairs.describe_node(layer), _pairs.describe_node(affine["output"]), kind.name, reason
 
 
 def _max_abs_error(actual: Any, expected: Any) -> tuple[float, torch.dtype]:
@@ -188,8 +205,9 @@ def verify(
     with gradients instead (an eval model called without ``no_grad``, or frozen-BN
     fine-tuning) and also compares the parameters' gradients with those of a float64 copy
     of the eager model: the plugin's error may exceed eager's own by ``GRAD_RTOL_FACTOR *
-    rtol`` of each gradient's size (``_judge_gradients``). Calls from several threads run one at a time; a
-    model compiled in another thread meanwhile, outside ``verify()``, is counted too.
+    rtol`` of each gradient's size (``_judge_gradients``). Calls from several threads run
+    one at a time; a model compiled in another thread meanwhile, outside ``verify()``, is
+    counted too.
     """
     if not isinstance(model, torch.nn.Module):
         hint = (
