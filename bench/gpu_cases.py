@@ -2,7 +2,7 @@
 frozen BatchNorm (torchvision's FrozenBatchNorm2d) with freezing and with gradients, and the
 transposed-conv gradient case, in float32 and bfloat16 channels_last.
 
-    python bench/gpu_cases.py            # prints a table; exit status 1 when a case fails
+    python bench/gpu_cases.py [DEVICE]   # prints a table; exit status 1 when a case fails
 """
 
 from __future__ import annotations
@@ -55,13 +55,13 @@ def _cases():
     )
 
 
-def main() -> int:
+def main(device: str = "cuda") -> int:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     failed = 0
     for name, model, x, dtype, mode, pairs in _cases():
-        model = model.to("cuda", dtype).eval()
-        x = x.to("cuda", dtype)
+        model = model.to(device, dtype).eval()
+        x = x.to(device, dtype)
         if x.dim() == 4:
             model, x = (
                 model.to(memory_format=torch.channels_last),
@@ -78,4 +78,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(*sys.argv[1:]))

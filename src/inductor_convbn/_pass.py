@@ -55,8 +55,9 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
     make constants, so their folded weights are computed once, at compile time.
     ``"count"`` counts the decisions the grad stage marked (``_decide.count_marks``), on
     the graph Inductor lowers before its own passes replace nodes and drop the marks: there
-    Inductor's caches replay the counts. ``"per_call"`` runs on the graph Inductor lowers, where a fold is recomputed on every
-    call, from the live parameters; ``policy`` (``_decide.POLICIES``) says where that pays.
+    Inductor's caches replay the counts. ``"per_call"`` runs on the graph Inductor lowers,
+    where a fold is recomputed on every call, from the live parameters; ``policy``
+    (``_decide.POLICIES``) says where that pays.
 
     Being a ``CustomGraphPass`` with a ``uuid()`` keeps Inductor's FX graph cache on: a
     bare function as a custom pass makes every compile bypass the cache.
