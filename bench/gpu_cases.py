@@ -28,39 +28,45 @@ def _frozen(channels: int) -> nn.Module:
     return norm
 
 
-def _cases():
+def _linear() -> nn.Module:
     torch.manual_seed(0)
-    linear = randomize_batch_norm(nn.Sequential(nn.Linear(64, 10), nn.BatchNorm1d(10)))
-    frozen = nn.Sequential(
+    return randomize_batch_norm(nn.Sequential(nn.Linear(64, 10), nn.BatchNorm1d(10)))
+
+
+def _frozen_bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
         nn.Conv2d(3, 16, 3), _frozen(16), nn.SiLU(), nn.Conv2d(16, 8, 1, bias=False), _frozen(8)
     )
-    transposed = randomize_batch_norm(
+
+
+def _transposed() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batch_norm(
         nn.Sequential(nn.ConvTranspose3d(3, 4, 3, stride=2), nn.BatchNorm3d(4))
     )
+
+
+def _cases():
+    """(name, model builder, input, dtype, verify() options, pairs); a fresh model each."""
     for dtype in (torch.float32, torch.bfloat16):
         for batch in (1, 2):
             x = torch.randn(batch, 64)
             for mode in ({"freezing": True}, {"policy": "always"}, {"grad": True}):
-                yield f"linear-bn1d batch {batch}", linear, x, dtype, mode, 1
+                yield f"linear-bn1d batch {batch}", _linear, x, dtype, mode, 1
         x = torch.randn(4, 3, 16, 16)
         for mode in ({"freezing": True}, {"grad": True}):
-            yield "conv-frozen-bn", frozen, x, dtype, mode, 2
-    yield (
-        "conv-transpose3d-bn grad",
-        transposed,
-        torch.rand(4, 3, 6, 6, 6),
-        torch.float32,
-        {"grad": True},
-        1,
-    )
+            yield "conv-frozen-bn", _frozen_bn_model, x, dtype, mode, 2
+    x = torch.rand(4, 3, 6, 6, 6)
+    yield "conv-transpose3d-bn grad", _transposed, x, torch.float32, {"grad": True}, 1
 
 
 def main(device: str = "cuda") -> int:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     failed = 0
-    for name, model, x, dtype, mode, pairs in _cases():
-        model = model.to(device, dtype).eval()
+    for name, build, x, dtype, mode, pairs in _cases():
+        model = build().to(device, dtype).eval()
         x = x.to(device, dtype)
         if x.dim() == 4:
             model, x = (
