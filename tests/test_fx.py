@@ -519,3 +519,30 @@ def test_leaves_a_conv_subclass_with_a_forward_of_its_own():
     fused = fx.fuse(model)
     assert fx.fuse_report(fused).pairs == 0
     assert_matches_eager(fused, model, _input(2))
+
+
+@pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm", "custom"])
+def test_a_parametrized_conv_weight_is_folded_through_its_parametrization(parametrization):
+    """The weight is computed in forward; its value goes into the folded weight (this
+    raised KeyError: attribute 'weight' already exists)."""
+
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    from torch.nn.utils import parametrizations, parametrize
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    if parametrization == "custom":
+        parametrize.register_parametrization(conv, "weight", Doubled())
+    else:
+        conv = getattr(parametrizations, parametrization)(conv)
+    model = randomize_batch_norm(nn.Sequential(conv, nn.BatchNorm2d(4), nn.ReLU())).eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused = fx.fuse(model, x)
+    report = fx.fuse_report(fused)
+    assert report.folded == report.pairs == 1, report
+    assert not parametrize.is_parametrized(fused.get_submodule("0"))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))

@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import _compat, _pairs
 from ._fold import fold_conv_bn_weights
@@ -173,7 +174,7 @@ def _fold(gm: torch.fx.GraphModule, pair: ModulePair) -> None:
         # empty_like keeps the weight's strides: channels_last stays channels_last.
         weight = torch.empty_like(layer_weight).copy_(weight)
     grad = layer_weight.requires_grad
-    folded = copy.deepcopy(layer)
+    folded = _unparametrized_copy(layer)
     folded.weight = nn.Parameter(weight, requires_grad=grad)
     folded.bias = nn.Parameter(
         bias, requires_grad=grad if layer_bias is None else layer_bias.requires_grad
@@ -188,3 +189,24 @@ def _fold(gm: torch.fx.GraphModule, pair: ModulePair) -> None:
     for attr in attr_nodes:
         if not attr.users:
             gm.graph.erase_node(attr)
+
+
+def _unparametrized_copy(layer: nn.Module) -> nn.Module:
+    """A copy of ``layer`` for the folded weight and bias to go into.
+
+    A parametrized weight (weight_norm, spectral_norm, any ``torch.nn.utils.parametrize``
+    parametrization) is computed in forward; its value is what was folded, so the copy is of
+    the layer's own class without the parametrizations. (Not ``remove_parametrizations`` on a
+    deepcopy: the copy shares the parametrized class with the model, and removing the
+    parametrization deletes the weight property from that class, the model's too.)
+    """
+    if not parametrize.is_parametrized(layer):
+        return copy.deepcopy(layer)
+    cls: type[nn.Module] = type(layer).__bases__[0]  # parametrize subclasses it, once
+    folded = cls.__new__(cls)
+    state = {k: v for k, v in layer.__dict__.items() if k != "_modules"}
+    folded.__dict__.update(copy.deepcopy(state))
+    folded._modules = {
+        k: copy.deepcopy(m) for k, m in layer._modules.items() if k != "parametrizations"
+    }
+    return folded
