@@ -346,3 +346,24 @@ def test_half_precision_bn_before_a_float32_activation_folds(
     report = inductor_convbn.verify(model, x, freezing=freezing, policy="always")
     assert report.outputs_match, report
     assert report.folded == report.pairs == 1, report
+
+
+@pytest.mark.parametrize(
+    "case", ["weight_norm", "weight_norm-transposed", "spectral_norm", "autocast-bfloat16"]
+)
+def test_a_weight_computed_in_forward_is_folded_once_under_freezing(case):
+    """weight_norm and other parametrizations, and CPU autocast, compute the conv weight in
+    forward from frozen parameters: freezing makes it a constant, and so the whole fold."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(3, 4, 3) if "transposed" in case else nn.Conv2d(3, 4, 3)
+    if case != "autocast-bfloat16":
+        conv = getattr(parametrizations, case.split("-")[0])(conv)
+    model = randomize_batch_norm(nn.Sequential(conv, nn.BatchNorm2d(4), nn.ReLU())).eval()
+    x = torch.randn(2, 3, 8, 8)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=case == "autocast-bfloat16")
+    with autocast:
+        report = inductor_convbn.verify(model, x, freezing=True)
+    assert report.folded == report.pairs == 1 and report.outputs_match, report
+    assert report.pair_reports[0].reason == _pairs.FOLDED_ONCE

@@ -237,7 +237,7 @@ def _fold_tensors(
     return tensors
 
 
-def _judge_frozen(frozen: dict[torch.fx.Node, torch.Tensor]) -> Judge:
+def _judge_frozen(frozen: _ConstantValues) -> Judge:
     """The freezing stage folds a pair whose tensors freezing makes constants, and only
     when the fold of their values changes no result; the rest is the per-call stage's."""
 
@@ -397,8 +397,51 @@ def fold_frozen(graph: torch.fx.Graph, frozen: list[torch.Tensor]) -> int:
     Every policy folds here: a fold computed once always pays.
     """
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    values = dict(zip(placeholders, frozen, strict=False))
-    return _apply(graph, _Run(_judge_frozen(values), _pairs.FOLDED_ONCE))
+    values: dict[torch.fx.Node, Any] = dict(zip(placeholders, frozen, strict=False))
+    return _apply(graph, _Run(_judge_frozen(_ConstantValues(values)), _pairs.FOLDED_ONCE))
+
+
+class _ConstantValues:
+    """The values of the graph's nodes that freezing makes constants: the frozen inputs, and
+    what is computed from them alone (a weight computed in forward: weight_norm, any
+    parametrization, the downcast of a weight under autocast), which freezing's constant
+    folding computes at compile time too. Those are computed here, once each."""
+
+    _MAX_DEPTH = 64  # a weight's computation is short; a longer chain is not looked into
+
+    def __init__(self, frozen: dict[torch.fx.Node, Any]) -> None:
+        self._values = dict(frozen)
+
+    def get(self, node: torch.fx.Node) -> torch.Tensor | None:
+        value = self._value(node, 0)
+        return value if isinstance(value, torch.Tensor) else None
+
+    def _value(self, node: torch.fx.Node, depth: int) -> Any:
+        if node in self._values:
+            return self._values[node]
+        value = None
+        target = node.target
+        if (
+            node.op == "call_function"
+            and depth < self._MAX_DEPTH
+            and callable(target)
+            and torch.Tag.nondeterministic_seeded not in getattr(target, "tags", ())
+        ):
+            known = True
+
+            def arg(a: Any) -> Any:
+                nonlocal known
+                inner = self._value(a, depth + 1) if known else None
+                known = known and inner is not None
+                return inner
+
+            args = torch.fx.node.map_arg(node.args, arg)
+            kwargs = torch.fx.node.map_arg(node.kwargs, arg)
+            if known:
+                with _compat.unset_fake_temporarily(), torch.no_grad():
+                    value = target(*args, **kwargs)
+        self._values[node] = value
+        return value
 
 
 def fold_per_call(graph: torch.fx.Graph, *, policy: str = "auto") -> int:
