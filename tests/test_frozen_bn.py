@@ -137,3 +137,44 @@ def test_detection_backbone_with_frozen_bn():
     )
     report = verify(_randomize(backbone).eval(), torch.randn(1, 3, 64, 64), grad=True)
     assert report.pairs == report.folded == 20 and report.outputs_match, report
+
+
+def test_fx_fuse_folds_frozen_bn():
+    from inductor_convbn import fx
+
+    model = _model("torchvision")
+    fused = fx.fuse(model, _X)
+    report = fx.fuse_report(fused)
+    assert report.pairs == report.folded == 2, report
+    assert [(p.conv, p.bn) for p in report.pair_reports] == [("0", "1"), ("3", "4")]
+    assert not any(isinstance(m, type(model[1])) for m in fused.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(_X), model(_X))
+
+
+def test_fx_fuse_leaves_an_affine_map_that_reads_the_input():
+    """detectron2's form casts its scale to ``x.dtype``: traced by fx, the conv output is
+    read twice, and the scale depends on it; no pair (the compiled plugin folds it)."""
+    from inductor_convbn import fx
+
+    model = _model("detectron2")
+    fused = fx.fuse(model, _X)
+    assert fx.fuse_report(fused).pairs == 0
+    with torch.no_grad():
+        torch.testing.assert_close(fused(_X), model(_X))
+
+
+def test_fx_fuse_frozen_bn_detection_backbone():
+    from inductor_convbn import fx
+
+    backbone_utils = pytest.importorskip("torchvision.models.detection.backbone_utils")
+    torch.manual_seed(0)
+    backbone = backbone_utils.resnet_fpn_backbone(
+        backbone_name="resnet18", weights=None, norm_layer=torchvision_ops.FrozenBatchNorm2d
+    )
+    backbone = _randomize(backbone).eval()
+    x = torch.randn(1, 3, 64, 64)
+    fused = fx.fuse(backbone, x)
+    assert fx.fuse_report(fused).folded == fx.fuse_report(fused).pairs == 20
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), backbone(x), rtol=1e-4, atol=1e-4)

@@ -12,14 +12,21 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from . import _pairs
 
-__all__ = ["FuseError", "ModulePair", "find_module_pairs", "trace"]
+__all__ = [
+    "AffinePair",
+    "find_affine_pairs",
+    "FuseError",
+    "ModulePair",
+    "find_module_pairs",
+    "trace",
+]
 
 
 class FuseError(RuntimeError):
@@ -243,3 +250,105 @@ def _owner(value: Any) -> str:
     if isinstance(value, torch.fx.Node) and value.op == "get_attr":
         return str(value.target).rpartition(".")[0] or "<root>"
     return ""
+
+
+@dataclasses.dataclass
+class AffinePair:
+    """A layer module whose output goes only to ``* scale + shift``, one of each per output
+    channel, computed from the model's own tensors alone: a frozen BatchNorm traced through
+    (torchvision's ``FrozenBatchNorm2d``), found by what it computes."""
+
+    layer: torch.fx.Node  # the call_module node of the conv or linear
+    output: torch.fx.Node  # the last node of the affine map
+    kind: _pairs.LayerKind
+    conv: str
+    bn_name: str  # the module holding the scale's tensors
+    layer_module: nn.Module
+    scale: torch.Tensor
+    shift: torch.Tensor | None
+    layer_calls: int = 1
+
+    def report(self, status: str, reason: str) -> _pairs.PairReport:
+        return _pairs.PairReport(self.conv, self.bn_name, self.kind.name, status, reason)
+
+    def fold_reason(self) -> str:
+        if self.layer_calls > 1:
+            return _pairs.CONV_REUSED
+        if self.layer_module._forward_hooks or self.layer_module._forward_pre_hooks:
+            return _pairs.HAS_HOOKS
+        return ""
+
+
+def find_affine_pairs(gm: torch.fx.GraphModule) -> list[AffinePair]:
+    """Every layer module followed by a per-channel affine map of the model's tensors."""
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        layer = gm.get_submodule(str(node.target))
+        kind = _pairs.layer_kind_of_module(layer, exact=False)
+        bound = _pairs.bind_channel_affine(node) if kind is not None else None
+        if kind is None or bound is None:
+            continue
+        owners: list[str] = []
+        scale = _constant_value(gm, bound["scale"], owners)
+        shift = None if bound["shift"] is None else _constant_value(gm, bound["shift"], owners)
+        channels = getattr(layer, "out_features" if kind.name == "linear" else "out_channels")
+        operands = [scale] + ([] if bound["shift"] is None else [shift])
+        if not all(
+            isinstance(t, torch.Tensor)
+            and t.is_floating_point()
+            and _pairs.is_per_channel(t.shape, kind.batched_rank, channels)
+            for t in operands
+        ):
+            continue  # computed from the input, or not one value per channel: no pair
+        # The module whose forward computed the map (fx bakes a scale computed from buffers
+        # alone into a constant, so its owner is the call stack, not the tensor's name).
+        owned = [o for o in owners if o != "<root>"]
+        bn_name = _pairs.describe_node(bound["output"]) if not owned else owned[0]
+        pairs.append(
+            AffinePair(
+                node,
+                bound["output"],
+                kind,
+                str(node.target),
+                bn_name,
+                layer,
+                scale,
+                shift,
+                layer_calls=calls[node.target],
+            )  # fmt: skip
+        )
+    return pairs
+
+
+def _constant_value(gm: torch.fx.GraphModule, node: Any, owners: list[str]) -> Any:
+    """The value of ``node`` when it is computed from the model's attributes alone (each
+    owner module's path added to ``owners``), else None."""
+    if not isinstance(node, torch.fx.Node):
+        return node
+    if node.op == "get_attr":
+        value: Any = gm
+        for atom in str(node.target).split("."):
+            value = getattr(value, atom, None)
+        owners.append(str(node.target).rpartition(".")[0] or "<root>")
+        return value
+    if node.op not in ("call_function", "call_method"):
+        return None
+    missing = False
+
+    def arg(a: torch.fx.Node) -> Any:  # map_arg calls it for the nodes only
+        nonlocal missing
+        value = _constant_value(gm, a, owners)
+        missing = missing or value is None
+        return value
+
+    args = torch.fx.node.map_arg(node.args, arg)
+    kwargs = torch.fx.node.map_arg(node.kwargs, arg)
+    if missing:
+        return None
+    with torch.no_grad():
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        return cast(Callable[..., Any], node.target)(*args, **kwargs)

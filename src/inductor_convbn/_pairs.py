@@ -30,6 +30,7 @@ __all__ = [
     "bind_channel_affine",
     "describe_node",
     "format_pairs",
+    "is_per_channel",
     "layer_kind_of_function",
     "layer_kind_of_module",
     "module_name",
@@ -211,24 +212,25 @@ def affine_reason(layer_value: Any, bound: dict[str, Any]) -> str:
     (no batch dim: a scale computed per sample folds into no one weight)."""
     if not isinstance(layer_value, torch.Tensor) or layer_value.dim() < 2:
         return AFFINE_NOT_PER_CHANNEL
-    channels = layer_value.shape[1]
-    for operand in (bound["scale"], bound["shift"]):
-        if operand is None and operand is bound["shift"]:
-            continue
-        value = (
-            operand.meta.get("example_value", operand.meta.get("val"))
-            if isinstance(operand, torch.fx.Node)
-            else None
-        )
+    operands = [bound["scale"]] + ([] if bound["shift"] is None else [bound["shift"]])
+    for operand in operands:
+        value = None
+        if isinstance(operand, torch.fx.Node):
+            value = operand.meta.get("example_value", operand.meta.get("val"))
         if not isinstance(value, torch.Tensor) or value.dtype != layer_value.dtype:
             return AFFINE_NOT_PER_CHANNEL
-        shape = [1] * (layer_value.dim() - value.dim()) + list(value.shape)
-        if len(shape) != layer_value.dim() or any(
-            not (isinstance(d, int) and (d == 1 or (i == 1 and d == channels)))
-            for i, d in enumerate(shape)
-        ):
+        if not is_per_channel(value.shape, layer_value.dim(), layer_value.shape[1]):
             return AFFINE_NOT_PER_CHANNEL
     return ""
+
+
+def is_per_channel(shape: Sequence[Any], rank: int, channels: Any) -> bool:
+    """Whether a tensor of ``shape`` broadcast against a layer output of ``rank`` dims and
+    ``channels`` channels varies along dim 1 only (or not at all)."""
+    padded = [1] * (rank - len(shape)) + list(shape)
+    return len(padded) == rank and all(
+        isinstance(d, int) and (d == 1 or (i == 1 and d == channels)) for i, d in enumerate(padded)
+    )
 
 
 # --- Statuses and reasons -----------------------------------------------------------------

@@ -24,8 +24,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _compat, _pairs
-from ._fold import fold_conv_bn_weights
-from ._modules import FuseError, ModulePair, find_module_pairs, trace
+from ._fold import fold_conv_affine_weights, fold_conv_bn_weights
+from ._modules import (
+    AffinePair,
+    FuseError,
+    ModulePair,
+    find_affine_pairs,
+    find_module_pairs,
+    trace,
+)
 
 __all__ = ["FuseError", "FuseReport", "fuse", "fuse_report"]
 
@@ -86,17 +93,26 @@ def fuse(model: nn.Module, *example_inputs: Any) -> torch.fx.GraphModule:
             if p.kind.name == "linear" and not p.reason:
                 p.note = _pairs.LINEAR_ASSUMED_2D
 
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     reports = []
     for pair in pairs:
         if pair.reason:
-            reports.append(pair.report(_pairs.SKIPPED, pair.reason))
+            reports.append((order[pair.layer], pair.report(_pairs.SKIPPED, pair.reason)))
             continue
         _fold(gm, pair)
-        reports.append(pair.report(_pairs.FOLDED, pair.note))
+        reports.append((order[pair.layer], pair.report(_pairs.FOLDED, pair.note)))
+    for affine in find_affine_pairs(gm):  # frozen BNs
+        reason = affine.fold_reason()
+        if not reason:
+            _fold_affine(gm, affine)
+        status = _pairs.SKIPPED if reason else _pairs.FOLDED
+        reports.append((order[affine.layer], affine.report(status, reason)))
+    reports.sort(key=lambda r: r[0])
+    gm.graph.eliminate_dead_code()  # a frozen BN's scale and shift computations
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
-    gm.meta[_REPORT_KEY] = FuseReport(reports)
+    gm.meta[_REPORT_KEY] = FuseReport([r for _, r in reports])
     return gm
 
 
@@ -171,16 +187,7 @@ def _fold(gm: torch.fx.GraphModule, pair: ModulePair) -> None:
             transposed=pair.kind.transposed,
             groups=getattr(layer, "groups", 1),
         )
-        # empty_like keeps the weight's strides: channels_last stays channels_last.
-        weight = torch.empty_like(layer_weight).copy_(weight)
-    grad = layer_weight.requires_grad
-    folded = _unparametrized_copy(layer)
-    folded.weight = nn.Parameter(weight, requires_grad=grad)
-    folded.bias = nn.Parameter(
-        bias, requires_grad=grad if layer_bias is None else layer_bias.requires_grad
-    )
-    parent, _, name = pair.conv.rpartition(".")
-    setattr(gm.get_submodule(parent), name, folded)
+    _replace_layer(gm, pair.conv, layer, weight, bias)
 
     # A functional batch_norm's get_attr nodes; BN modules no longer called go at the end.
     attr_nodes = [a for a in pair.bn.all_input_nodes if a.op == "get_attr"]
@@ -189,6 +196,50 @@ def _fold(gm: torch.fx.GraphModule, pair: ModulePair) -> None:
     for attr in attr_nodes:
         if not attr.users:
             gm.graph.erase_node(attr)
+
+
+def _fold_affine(gm: torch.fx.GraphModule, pair: AffinePair) -> None:
+    """Fold a frozen BN's ``* scale + shift`` into the layer before it."""
+    layer = pair.layer_module
+    layer_weight = cast(torch.Tensor, layer.weight)
+    with torch.no_grad():
+        weight, bias = fold_conv_affine_weights(
+            layer_weight,
+            cast("torch.Tensor | None", layer.bias),
+            pair.scale,
+            pair.shift,
+            transposed=pair.kind.transposed,
+            groups=getattr(layer, "groups", 1),
+        )
+    _replace_layer(gm, pair.conv, layer, weight, bias)
+    mul = next(iter(pair.layer.users))
+    pair.output.replace_all_uses_with(pair.layer)
+    gm.graph.erase_node(pair.output)
+    if mul is not pair.output:
+        gm.graph.erase_node(mul)
+
+
+def _replace_layer(
+    gm: torch.fx.GraphModule,
+    path: str,
+    layer: nn.Module,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+) -> None:
+    """Put a copy of ``layer`` with this weight and bias at ``path``."""
+    layer_weight = cast(torch.Tensor, layer.weight)
+    layer_bias = cast("torch.Tensor | None", layer.bias)
+    with torch.no_grad():
+        # empty_like keeps the weight's strides: channels_last stays channels_last.
+        weight = torch.empty_like(layer_weight).copy_(weight)
+    grad = layer_weight.requires_grad
+    folded = _unparametrized_copy(layer)
+    folded.weight = nn.Parameter(weight, requires_grad=grad)
+    folded.bias = nn.Parameter(
+        bias, requires_grad=grad if layer_bias is None else layer_bias.requires_grad
+    )
+    parent, _, name = path.rpartition(".")
+    setattr(gm.get_submodule(parent), name, folded)
 
 
 def _unparametrized_copy(layer: nn.Module) -> nn.Module:
