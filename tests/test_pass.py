@@ -49,7 +49,7 @@ def test_install_is_idempotent_and_uninstall_restores_none():
     assert [(p.stage, p.policy, p.previous) for p in first] == [
         ("grad", "auto", None),
         ("freezing", "auto", None),
-        ("count", "auto", None),
+        ("early", "auto", None),
         ("per_call", "auto", None),
     ]
     assert inductor_convbn.is_installed()

@@ -367,3 +367,44 @@ def test_a_weight_computed_in_forward_is_folded_once_under_freezing(case):
         report = inductor_convbn.verify(model, x, freezing=True)
     assert report.folded == report.pairs == 1 and report.outputs_match, report
     assert report.pair_reports[0].reason == _pairs.FOLDED_ONCE
+
+
+class _UnfuseAddmm(_compat.CustomGraphPass):
+    """``addmm(bias, a, b)`` as ``mm(a, b) + bias``: what Inductor's post-grad passes do on
+    CUDA when pointwise ops follow (``should_prefer_unfused_addmm``)."""
+
+    def __call__(self, graph):
+        aten = torch.ops.aten
+        for node in list(graph.find_nodes(op="call_function", target=aten.addmm.default)):
+            bias, a, b = node.args
+            with graph.inserting_before(node):
+                mm = graph.call_function(aten.mm.default, (a, b))
+                add = graph.call_function(aten.add.Tensor, (mm, bias))
+            mm.meta, add.meta = dict(node.meta), dict(node.meta)
+            node.replace_all_uses_with(add)
+            graph.erase_node(node)
+
+    def uuid(self):
+        return b"unfuse-addmm"
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_pair_is_folded_before_inductors_post_grad_passes_rewrite_it(batch):
+    """On CUDA, Linear -> BatchNorm1d was never folded per call: Inductor's post-grad passes
+    unfuse the linear's addmm before the per-call stage runs. The early stage folds first.
+    Simulated on CPU by a pass that unfuses it the same way before the per-call stage."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(nn.Sequential(nn.Linear(64, 10), nn.BatchNorm1d(10))).eval()
+    _compat.inductor_config.post_grad_custom_post_pass = _UnfuseAddmm()
+    report = inductor_convbn.verify(model, torch.randn(batch, 64), policy="always")
+    assert report.folded == report.pairs == 1 and report.outputs_match, report
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 2])
+def test_linear_then_batchnorm1d_folds_per_call_on_cuda(batch):
+    torch.manual_seed(0)
+    model = randomize_batch_norm(nn.Sequential(nn.Linear(64, 10), nn.BatchNorm1d(10)))
+    model = model.cuda().eval()
+    report = inductor_convbn.verify(model, torch.randn(batch, 64).cuda(), policy="always")
+    assert report.folded == report.pairs == 1 and report.outputs_match, report

@@ -45,9 +45,10 @@ POLICIES = ("auto", "always")
 #: What each stage of the plugin does: ``"grad"`` folds differentiably in graphs that need
 #: gradients (on dynamo's graph, before AOT autograd); ``"freezing"`` folds pairs whose
 #: tensors freezing makes constants, so the fold is computed once, at compile time;
-#: ``"count"`` counts the grad stage's decisions (``count_marks``); ``"per_call"`` folds on
-#: the graph Inductor lowers, recomputed every call.
-STAGES = ("grad", "freezing", "count", "per_call")
+#: ``"early"`` counts the grad stage's decisions (``count_marks``) and folds as
+#: ``"per_call"`` does, before Inductor's own post-grad passes; ``"per_call"`` folds on the
+#: graph Inductor lowers what is left, recomputed every call.
+STAGES = ("grad", "freezing", "early", "per_call")
 
 # Dynamo's counters["inductor"] keys, one per outcome.
 COUNTER_FOLDED = "inductor_convbn_folded"
@@ -100,7 +101,7 @@ def record(decision: Decision, *, count: bool = True) -> None:
 # caches replay: on an AOT autograd cache hit it does not run at all. So it marks the layer
 # node it decided on, the mark reaches the forward graph Inductor lowers (AOT autograd
 # copies ``meta["custom"]`` onto each node it traces from a marked one), and the per-call
-# stage "count" counts the marks there, in a compile the FX graph cache replays counters for.
+# stage "early" counts the marks there, in a compile the FX graph cache replays counters for.
 MARK = "inductor_convbn"
 _mark_ids = itertools.count()
 

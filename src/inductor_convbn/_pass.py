@@ -31,8 +31,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 HOOKS = {
     "grad": "pre_grad_custom_pass",  # dynamo's graph, before AOT autograd
     "freezing": "joint_custom_post_pass",  # before freezing makes parameters constants
-    "count": "post_grad_custom_pre_pass",  # the graph Inductor lowers, before its own passes
-    "per_call": "post_grad_custom_post_pass",  # the graph Inductor lowers
+    "early": "post_grad_custom_pre_pass",  # the graph Inductor lowers, before its own passes
+    "per_call": "post_grad_custom_post_pass",  # the same graph, after them
 }
 # The stage names of 0.1.0, which named two stages after their hooks.
 _OLD_STAGE_NAMES = {"joint": "freezing", "post_grad": "per_call"}
@@ -53,10 +53,12 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
     output. ``"freezing"`` runs on the graph AOT autograd hands Inductor, before freezing
     turns parameters into constants, and folds only pairs whose parameters freezing will
     make constants, so their folded weights are computed once, at compile time.
-    ``"count"`` counts the decisions the grad stage marked (``_decide.count_marks``), on
-    the graph Inductor lowers before its own passes replace nodes and drop the marks: there
-    Inductor's caches replay the counts. ``"per_call"`` runs on the graph Inductor lowers,
-    where a fold is recomputed on every call, from the live parameters; ``policy``
+    ``"early"`` runs on the graph Inductor lowers before Inductor's own post-grad passes:
+    it counts the decisions the grad stage marked (``_decide.count_marks``: there Inductor's
+    caches replay the counts, and no pass has replaced a marked node yet), then folds as
+    ``"per_call"`` does, before those passes rewrite a pair (on CUDA a linear's ``addmm``
+    becomes ``mm`` + ``add``). ``"per_call"`` runs on the same graph after them and folds
+    what is left, recomputed on every call from the live parameters; ``policy``
     (``_decide.POLICIES``) says where that pays.
 
     Being a ``CustomGraphPass`` with a ``uuid()`` keeps Inductor's FX graph cache on: a
@@ -93,8 +95,9 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
             frozen = _compat.frozen_parameters()
             if frozen:
                 _registry.fold_frozen(graph, frozen)
-        elif self.stage == "count":
+        elif self.stage == "early":
             _decide.count_marks(graph)
+            _registry.fold_per_call(graph, policy=self.policy)
         else:
             _registry.fold_per_call(graph, policy=self.policy)
 

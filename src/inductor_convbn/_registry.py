@@ -179,9 +179,10 @@ def _example_inputs(
 
 # The fold's tensor arguments, by the names the templates give them.
 _FOLD_ARGS = ("w", "b", "mean", "var", "gamma", "beta")
-# On a layer node the freezing stage found unsafe to fold: its reason, so that the per-call
-# stage, which sees the same node under freezing, leaves it alone without asking again.
-_UNSAFE_META = "inductor_convbn_unsafe"
+# On a layer node a stage recorded a decision on (unsafe to fold, or kept by the policy):
+# its reason, so that a later stage that sees the same node (the per-call stages run twice,
+# before and after Inductor's post-grad passes) leaves it alone without counting it again.
+_DECIDED_META = "inductor_convbn_decided"
 
 # A judge says what to do with a match: fold it (True, None); leave it to a later stage
 # (False, None); or keep it unfolded for a reason (False, the decision to record).
@@ -248,7 +249,6 @@ def _judge_frozen(frozen: _ConstantValues) -> Judge:
         reason = _unsafe_values(match, layer, tensors)
         if not reason:
             return True, None
-        layer.meta[_UNSAFE_META] = reason
         return False, _decide.Decision(_pairs.describe_node(layer), False, reason, unsafe=True)
 
     return judge
@@ -258,7 +258,7 @@ def _judge_per_call(policy: str) -> Judge:
     """The per-call stage folds a safe pair where ``policy`` says that pays."""
 
     def judge(match: _compat.Match, layer: torch.fx.Node) -> Judgement:
-        if _UNSAFE_META in layer.meta:  # the freezing stage said why
+        if _DECIDED_META in layer.meta:  # an earlier stage said why
             return False, None
         where = _pairs.describe_node(layer)
         module = layer.graph.owning_module
@@ -301,9 +301,10 @@ def _early_check(match: _compat.Match) -> bool:
     if layer in run.kept:
         return False
     fold, decision = run.judge(match, layer)
-    if decision is not None or (not fold and _UNSAFE_META in layer.meta):
+    if decision is not None or (not fold and _DECIDED_META in layer.meta):
         run.kept.add(layer)
     if decision is not None:
+        layer.meta[_DECIDED_META] = decision.reason
         _decide.record(decision)
     return fold
 
