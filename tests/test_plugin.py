@@ -403,8 +403,12 @@ def test_a_pair_is_folded_before_inductors_post_grad_passes_rewrite_it(batch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 2])
 def test_linear_then_batchnorm1d_folds_per_call_on_cuda(batch):
+    """The unfused addmm on a real GPU. Shape padding off: where Inductor's pad_mm pads the
+    matmul (it decides by timing both), the padded form is not matched yet (an open gap)."""
     torch.manual_seed(0)
     model = randomize_batch_norm(nn.Sequential(nn.Linear(64, 10), nn.BatchNorm1d(10)))
     model = model.cuda().eval()
-    report = inductor_convbn.verify(model, torch.randn(batch, 64).cuda(), policy="always")
+    x = torch.randn(batch, 64).cuda()
+    with _compat.inductor_config.patch(shape_padding=False):
+        report = inductor_convbn.verify(model, x, policy="always")
     assert report.folded == report.pairs == 1 and report.outputs_match, report

@@ -1,5 +1,9 @@
 """How the verifier gives each pair its status, and how the report reads."""
 
+import torch
+from torch import nn
+
+import inductor_convbn
 from inductor_convbn._decide import Decision
 from inductor_convbn._pairs import NOT_MATCHED
 from inductor_convbn._pairs import module_name as _module_name
@@ -44,3 +48,13 @@ def test_module_names_drop_the_variable_dynamo_started_from():
     assert _module_name("model.layer1.0.conv1", names) == "layer1.0.conv1"
     assert _module_name("conv1", names) == "conv1"
     assert _module_name("elsewhere.op", names) == "elsewhere.op"
+
+
+def test_many_verify_calls_in_one_process_each_compile():
+    """Every variant compiles in a frame of its own: on torch < 2.14 the variants shared one
+    frame, and from the ninth verify() on dynamo ran the model eagerly (0 pairs, 0 error)."""
+    for i in range(10):
+        torch.manual_seed(i)
+        model = nn.Sequential(nn.Linear(8, 4 + i % 3), nn.BatchNorm1d(4 + i % 3)).eval()
+        report = inductor_convbn.verify(model, torch.randn(3, 8), freezing=True)
+        assert report.pairs == report.folded == 1, (i, report)

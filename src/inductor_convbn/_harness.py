@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import linecache
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,12 +31,13 @@ def fresh_callable(model: Callable[..., Any]) -> Callable[..., Any]:
     compiled earlier for another instance of the same class, with or without the plugin.
     """
     namespace: dict[str, Any] = {"model": model}
-    code = compile(
-        "def run(*args, **kwargs):\n    return model(*args, **kwargs)\n",
-        f"<inductor_convbn.variant:{next(_wrapper_ids)}>",
-        "exec",
-    )
-    exec(code, namespace)
+    source = "def run(*args, **kwargs):\n    return model(*args, **kwargs)\n"
+    filename = f"<inductor_convbn.variant:{next(_wrapper_ids)}>"
+    # Without a source file torch.compile (torch < 2.14) wraps the function in one shared
+    # frame, whose cache every variant would share: past the recompile limit (8) dynamo
+    # would run the model eagerly, silently. With its source in linecache it has one.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), namespace)
     return namespace["run"]
 
 
