@@ -117,7 +117,13 @@ def count_marks(graph: torch.fx.Graph) -> int:
     graph carries the same marks on the layer's gradient nodes); returns how many."""
     if _compat.is_backward_graph(graph):
         return 0
-    marks = {n.meta["custom"][MARK] for n in graph.nodes if MARK in n.meta.get("custom", {})}
+    marks = set()
+    for node in graph.nodes:
+        custom = node.meta.get("custom", {})
+        if MARK in custom:
+            marks.add(custom[MARK])
+            # Counted: a later stage over the same graph does not count it again.
+            node.meta["custom"] = {k: v for k, v in custom.items() if k != MARK}
     for counter, _ in marks:
         _compat.counters["inductor"][counter] += 1
     return len(marks)

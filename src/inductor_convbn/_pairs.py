@@ -282,6 +282,11 @@ AFFINE_FLOAT16 = (
     "a frozen BN in float16: its fold is made before its values are known, and the folded "
     "weight can overflow float16 where conv and BN apart do not"
 )
+AFFINE_NO_SHAPES = (
+    "a frozen BN, in a graph this torch hands over without shapes (torch 2.6 under "
+    "freezing): whether its scale is per channel cannot be checked, so it is left to "
+    "Inductor's own binary folding"
+)
 # Why the "auto" policy keeps a pair unfolded without freezing: it would cost time.
 KEPT_AFFINE_PER_CALL = (
     "a frozen BN without freezing: folding it every call is not judged worth it (compile "

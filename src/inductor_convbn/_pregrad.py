@@ -114,9 +114,12 @@ def _fold_affine(graph: torch.fx.Graph, layer: torch.fx.Node, *, grad: bool, pol
         return False
     kind, conv = bound
     output = _example(layer)
+    where = _pairs.describe_node(layer)
+    if output is None:  # torch 2.6 under freezing: a re-traced graph, without shapes
+        _decide.record(_decide.Decision(where, False, _pairs.AFFINE_NO_SHAPES))
+        return False
     if _pairs.affine_reason(output, affine):
         return False  # some other arithmetic: no pair
-    where = _pairs.describe_node(layer)
     if _pairs.rank_reason(kind, output.dim()):
         return False  # the verifier reports it
     if output.dtype == torch.float16:  # the fold is made before its values are known
@@ -184,4 +187,10 @@ def _replace(
     output.replace_all_uses_with(result)
     for node in [*chain, layer]:
         graph.erase_node(node)
-    _decide.mark(new_layer, _decide.Decision(_pairs.describe_node(new_layer), True, how))
+    decision = _decide.Decision(_pairs.describe_node(new_layer), True, how)
+    if how == _pairs.FOLDED_ONCE:
+        # Under freezing no cache skips this stage (Inductor bypasses the AOT autograd
+        # cache for frozen graphs), and torch 2.6 drops the mark on the way: count now.
+        _decide.record(decision)
+    else:
+        _decide.mark(new_layer, decision)
