@@ -58,3 +58,14 @@ def test_many_verify_calls_in_one_process_each_compile():
         model = nn.Sequential(nn.Linear(8, 4 + i % 3), nn.BatchNorm1d(4 + i % 3)).eval()
         report = inductor_convbn.verify(model, torch.randn(3, 8), freezing=True)
         assert report.pairs == report.folded == 1, (i, report)
+
+
+def test_a_graph_dynamo_discards_is_not_counted():
+    """With dynamic shapes dynamo first traces the BN's eps and momentum as symbolic floats,
+    then discards that graph and traces again: its pairs were listed twice."""
+    from inductor_convbn.testing import randomize_batch_norm
+
+    model = randomize_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    report = inductor_convbn.verify(model, torch.randn(2, 3, 8, 8), dynamic=True, policy="always")
+    assert len(report.pair_reports) == report.pairs == report.folded == 1, report
+    assert report.outputs_match and not report.missed, report

@@ -78,22 +78,29 @@ def compile_variant(
     policy: str = "auto",
     dynamic: bool | None = None,
     config: dict[str, Any] | None = None,
-    on_graph: Callable[[torch.fx.GraphModule], None] | None = None,
+    on_graph: Callable[[torch.fx.GraphModule], Callable[[], None] | None] | None = None,
 ) -> Callable[..., Any]:
     """``torch.compile`` ``model``, with the plugin or without, under an Inductor config.
 
     The plugin and ``config`` apply to this compile only; ``config`` is patched around the
     first call too, since dynamo must trace with freezing on to hand parameters over as
-    constants. ``on_graph`` sees each graph dynamo captures, before Inductor compiles it.
+    constants. ``on_graph`` sees each graph dynamo captures, before Inductor compiles it;
+    it may return a function that takes back what it did, called when that compile fails.
     """
     patches = dict(config or {})
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-        if on_graph is not None:
-            on_graph(gm)
+        undo = on_graph(gm) if on_graph is not None else None
         plugin_cm = _pass.installed(policy) if plugin else contextlib.nullcontext()
-        with plugin_cm, _compat.inductor_config.patch(patches):
-            return _compat.compile_fx(gm, example_inputs)
+        try:
+            with plugin_cm, _compat.inductor_config.patch(patches):
+                return _compat.compile_fx(gm, example_inputs)
+        except BaseException:
+            # Dynamo may discard this graph and trace again (with dynamic shapes, a float
+            # it could not keep symbolic restarts the analysis): the graph never runs.
+            if callable(undo):
+                undo()
+            raise
 
     compiled = torch.compile(fresh_callable(model), backend=backend, dynamic=dynamic)
     return _FirstCallPatched(compiled, patches) if patches else compiled

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -241,7 +242,7 @@ def verify(
                 dynamic=dynamic,
                 policy=policy,
                 config={"freezing": True} if freezing else None,
-                on_graph=lambda gm: pairs.extend(find_pairs(gm)),
+                on_graph=functools.partial(_count_pairs, pairs),
             )
             actual = compiled(*example_inputs)
             grads = (
@@ -297,6 +298,19 @@ def verify(
 
 
 Gradients = list[list[torch.Tensor | None]]  # per output gradient, per parameter
+
+
+def _count_pairs(pairs: list[Pair], gm: torch.fx.GraphModule) -> Callable[[], None]:
+    """Add the pairs of ``gm`` to ``pairs``; return how to take them back (a graph dynamo
+    discards, tracing again, is not part of the model that runs)."""
+    found = find_pairs(gm)
+    start = len(pairs)
+    pairs.extend(found)
+
+    def undo() -> None:
+        del pairs[start : start + len(found)]
+
+    return undo
 
 
 def _gradients(
