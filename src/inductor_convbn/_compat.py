@@ -104,8 +104,10 @@ def register_pattern(
     before = {id(e) for entries in _pattern_entries(pass_dict) for e in entries}
     trace = functools.partial(_inference_trace, without_final_downcast=without_final_downcast)
     kwargs: dict[str, Any] = dict(extra_check=extra_check, scalar_workaround=scalar_workaround)
-    args = _pattern_args(search_fn, example_inputs, scalar_workaround)
-    if without_final_downcast and not _drop_final_downcast(fwd_only(search_fn, args).graph):
+    # Traced once, for the pre-traced pattern and to see whether it ends in a downcast.
+    traced = fwd_only(search_fn, _pattern_args(search_fn, example_inputs, scalar_workaround))
+    dropped = _as_matched(traced, without_final_downcast)
+    if without_final_downcast and not dropped:
         return False  # nothing to take off
     if _HAS_SEARCH_FN_PATTERN:
         # register_replacement's own pattern ignores int, float, list and dtype literals,
@@ -115,7 +117,7 @@ def register_pattern(
         # here, literals kept, is exact for every match; torch 2.6 - 2.14 then skip the
         # re-trace (2.15 re-traces all the same, once per set of shapes).
         kwargs["search_fn_pattern"] = fx_to_pattern(
-            trace(search_fn, args),
+            traced,
             argnames=list(inspect.signature(search_fn).parameters),
             scalar_workaround=scalar_workaround,
         )
@@ -164,11 +166,17 @@ def _inference_trace(
     it twice: for the pattern, and, in torch 2.15, again with each match's real shapes to
     check the match exactly; both traces must have the matched graph's form."""
     gm = fwd_only(fn, args, **kwargs)
-    _drop_zero_adds(gm.graph)
-    if without_final_downcast:
-        _drop_final_downcast(gm.graph)
-    gm.recompile()
+    _as_matched(gm, without_final_downcast)
     return gm
+
+
+def _as_matched(gm: torch.fx.GraphModule, without_final_downcast: bool) -> bool:
+    """``_inference_trace``'s rewrite of a traced graph, in place; whether a final downcast
+    was taken off."""
+    _drop_zero_adds(gm.graph)
+    dropped = without_final_downcast and _drop_final_downcast(gm.graph)
+    gm.recompile()
+    return dropped
 
 
 def _pattern_args(

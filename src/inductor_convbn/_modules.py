@@ -259,7 +259,7 @@ class AffinePair:
     (torchvision's ``FrozenBatchNorm2d``), found by what it computes."""
 
     layer: torch.fx.Node  # the call_module node of the conv or linear
-    output: torch.fx.Node  # the last node of the affine map
+    nodes: list[torch.fx.Node]  # the affine map's own nodes, its output first
     kind: _pairs.LayerKind
     conv: str
     bn_name: str  # the module holding the scale's tensors
@@ -310,7 +310,7 @@ def find_affine_pairs(gm: torch.fx.GraphModule) -> list[AffinePair]:
         pairs.append(
             AffinePair(
                 node,
-                bound["output"],
+                bound["nodes"],
                 kind,
                 str(node.target),
                 bn_name,

@@ -196,13 +196,14 @@ def bind_channel_affine(layer: torch.fx.Node) -> dict[str, Any] | None:
     if operands is None or (operands[0] is layer) == (operands[1] is layer):
         return None
     scale = operands[1] if operands[0] is layer else operands[0]
-    bound = {"scale": scale, "shift": None, "output": mul}
+    bound = {"scale": scale, "shift": None, "output": mul, "nodes": [mul]}
     if len(mul.users) == 1:
         add = next(iter(mul.users))
         operands = _operands(add, _ADDS, "add")
         if operands is not None and (operands[0] is mul) != (operands[1] is mul):
             bound["shift"] = operands[1] if operands[0] is mul else operands[0]
             bound["output"] = add
+            bound["nodes"] = [add, mul]
     return bound
 
 

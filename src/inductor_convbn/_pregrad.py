@@ -135,10 +135,8 @@ def _fold_affine(graph: torch.fx.Graph, layer: torch.fx.Node, *, grad: bool, pol
         _decide.mark(layer, _decide.Decision(where, False, _pairs.KEPT_AFFINE_PER_CALL))
         return False
     fold_args = (conv["weight"], conv.get("bias"), affine["scale"], affine["shift"])
-    mul = next(iter(layer.users))
-    chain = [affine["output"]] if affine["output"] is mul else [affine["output"], mul]
     fold = (fold_conv_affine_weights, fold_args)
-    _replace(graph, layer, kind, conv, fold, chain, grad=grad, how=how)
+    _replace(graph, layer, kind, conv, fold, affine["nodes"], grad=grad, how=how)
     return True
 
 

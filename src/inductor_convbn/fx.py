@@ -212,11 +212,9 @@ def _fold_affine(gm: torch.fx.GraphModule, pair: AffinePair) -> None:
             groups=getattr(layer, "groups", 1),
         )
     _replace_layer(gm, pair.conv, layer, weight, bias)
-    mul = next(iter(pair.layer.users))
-    pair.output.replace_all_uses_with(pair.layer)
-    gm.graph.erase_node(pair.output)
-    if mul is not pair.output:
-        gm.graph.erase_node(mul)
+    pair.nodes[0].replace_all_uses_with(pair.layer)
+    for node in pair.nodes:
+        gm.graph.erase_node(node)
 
 
 def _replace_layer(
