@@ -9,6 +9,7 @@ reads while it traces (freezing) is on around the first call.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import itertools
 import linecache
@@ -21,7 +22,34 @@ import torch
 
 from . import _compat, _pass
 
-__all__ = ["compare_compiled", "compile_variant", "fresh_callable", "tf32_off"]
+__all__ = ["compare_compiled", "compile_variant", "fresh_callable", "phase_listener", "tf32_off"]
+
+# Who hears which phase a compile is in; a context variable, so that a listener sees only
+# its own thread's compiles.
+_listener: contextvars.ContextVar[Callable[[str | None], None] | None] = contextvars.ContextVar(
+    "inductor_convbn_phase_listener", default=None
+)
+
+
+@contextlib.contextmanager
+def phase_listener(listener: Callable[[str | None], None]) -> Iterator[None]:
+    """Call ``listener`` as compiles in this thread pass through their phases.
+
+    It hears ``"tracing"`` when a compiled variant's first call starts (dynamo traces),
+    ``"compiling"`` when a traced graph goes to Inductor, ``"tracing"`` again when that
+    compile returns, and ``None`` when the first call is over: back to the caller's phase.
+    """
+    token = _listener.set(listener)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
+
+
+def _announce(phase: str | None) -> None:
+    listener = _listener.get()
+    if listener is not None:
+        listener(phase)
 
 
 def fresh_callable(model: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,19 +84,28 @@ def tf32_off() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-class _FirstCallPatched:
-    """Calls ``fn`` with Inductor's config patched for its first call (the compile) only."""
+class _FirstCall:
+    """Calls ``fn``, with Inductor's config patched for its first call (the compile) only.
+
+    The first call is announced to the phase listener.
+    """
 
     def __init__(self, fn: Callable[..., Any], config: dict[str, Any]) -> None:
         self.fn = fn
-        self.config: dict[str, Any] | None = config
+        self.config = config
+        self.called = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.config is None:
+        if self.called:
             return self.fn(*args, **kwargs)
-        config, self.config = self.config, None
-        with _compat.inductor_config.patch(config):
-            return self.fn(*args, **kwargs)
+        self.called = True
+        patch = _compat.inductor_config.patch(self.config) if self.config else None
+        _announce("tracing")
+        try:
+            with patch or contextlib.nullcontext():
+                return self.fn(*args, **kwargs)
+        finally:
+            _announce(None)
 
 
 def compile_variant(
@@ -92,6 +129,7 @@ def compile_variant(
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         undo = on_graph(gm) if on_graph is not None else None
         plugin_cm = _pass.installed(policy) if plugin else contextlib.nullcontext()
+        _announce("compiling")
         try:
             with plugin_cm, _compat.inductor_config.patch(patches):
                 return _compat.compile_fx(gm, example_inputs)
@@ -101,9 +139,11 @@ def compile_variant(
             if callable(undo):
                 undo()
             raise
+        finally:
+            _announce("tracing")  # after a graph break dynamo traces on
 
     compiled = torch.compile(fresh_callable(model), backend=backend, dynamic=dynamic)
-    return _FirstCallPatched(compiled, patches) if patches else compiled
+    return _FirstCall(compiled, patches)
 
 
 def _sync(device: torch.device) -> None:
@@ -118,14 +158,17 @@ def compare_compiled(
     freezing: bool = False,
     rounds: int = 7,
     calls: int = 5,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Compile ``model`` plainly and with the plugin, and time them side by side.
 
     Both variants compile with or without Inductor freezing alike.
     Calls alternate between the variants, ``calls`` at a time, for ``rounds`` rounds. Returns
-    the median seconds per call of each, and the median, lowest and highest per-round ratio
-    (plugin / plain). Compile time is not compared here: in one process the second compile
-    reuses what the first warmed up. The plugin's own share of compile time is
+    the median seconds per call of each (``plain_s``, ``plugin_s``), ``ratio`` = plugin_s /
+    plain_s (the quotient of the two figures shown beside it, never contradicting them; it
+    lies between the lowest and highest per-round ratio, ``ratio_min`` and ``ratio_max``),
+    and each round's seconds per call (``plain_rounds_s``, ``plugin_rounds_s``). Compile
+    time is not compared here: in one process the second compile reuses what the first
+    warmed up. The plugin's own share of compile time is
     ``_decide.pass_time``.
     """
     device = next(iter(model.parameters())).device
@@ -146,10 +189,14 @@ def compare_compiled(
                 _sync(device)
                 per_call[name].append((time.perf_counter() - start) / calls)
     ratios = [b / a for a, b in zip(per_call["plain"], per_call["plugin"], strict=True)]
+    plain_s = statistics.median(per_call["plain"])
+    plugin_s = statistics.median(per_call["plugin"])
     return {
-        "plain_s": statistics.median(per_call["plain"]),
-        "plugin_s": statistics.median(per_call["plugin"]),
-        "ratio": statistics.median(ratios),
+        "plain_s": plain_s,
+        "plugin_s": plugin_s,
+        "ratio": plugin_s / plain_s,
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "plain_rounds_s": per_call["plain"],
+        "plugin_rounds_s": per_call["plugin"],
     }
