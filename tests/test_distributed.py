@@ -1,0 +1,198 @@
+"""Data-parallel training: SyncBatchNorm in ``memory_efficient()`` and the grad stage inside
+DistributedDataParallel, each run on two CPU processes over gloo.
+
+``nn.SyncBatchNorm`` cannot run on CPU tensors (its kernels are CUDA-only and its forward
+refuses CPU input), so the CPU tests compare against what it computes: a plain BatchNorm
+model on one process, fed the concatenation of every process's batch, with the loss the sum
+of the processes' losses over their number (DistributedDataParallel averages gradients).
+The GPU test compares against ``nn.SyncBatchNorm`` itself.
+"""
+
+import os
+import socket
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import inductor_convbn
+from inductor_convbn.testing import randomize_batch_norm
+
+WORLD = 2
+# Uneven on purpose: SyncBatchNorm weighs each process's statistics by its batch size.
+BATCHES = (3, 5)
+STEPS = 3
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, backend, job, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)  # two processes on a two-core machine
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=WORLD)
+    try:
+        torch.save(job(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(job, tmp_path, backend="gloo"):
+    """``job(rank)`` on each of ``WORLD`` processes; their results, by rank."""
+    mp.spawn(_worker, args=(_free_port(), backend, job, str(tmp_path)), nprocs=WORLD)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _batch(step, rank, device="cpu"):
+    generator = torch.Generator().manual_seed(100 * step + rank)
+    x = torch.randn(BATCHES[rank], 3, 6, 6, generator=generator, dtype=torch.float64)
+    return x.to(device)
+
+
+def _loss(out):
+    weights = torch.linspace(-1, 1, out[0].numel(), dtype=out.dtype, device=out.device)
+    return (out * weights.view_as(out[0])).square().mean()
+
+
+def _bn_model():
+    """Two conv -> BN pairs: the first affine with a bias, the second neither, with a
+    cumulative average for its running statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3, stride=2, bias=False),
+        nn.BatchNorm2d(4, affine=False, momentum=None),
+        nn.ReLU(),
+    ).double()
+    return randomize_batch_norm(model)
+
+
+def _train(model, step_fn, steps=STEPS):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        optimizer.zero_grad()
+        step_fn(step).backward()
+        optimizer.step()
+
+
+def _global_batch_reference():
+    """The plain BN model trained on every process's batch at once: SyncBatchNorm's result."""
+    model = _bn_model()
+
+    def step_fn(step):
+        batches = [_batch(step, rank) for rank in range(WORLD)]
+        outs = model(torch.cat(batches)).split(BATCHES)
+        return sum(_loss(out) for out in outs) / WORLD
+
+    _train(model, step_fn)
+    return model.state_dict()
+
+
+def _ddp(model):
+    """``DDP(model)``, for a CPU model with SyncBatchNorm layers too.
+
+    DDP refuses SyncBatchNorm in a CPU module, because ``nn.SyncBatchNorm``'s kernels are
+    CUDA-only; the fused layer does not run them. Nothing else in DDP depends on the device.
+    """
+    if next(model.parameters()).is_cuda:
+        return DDP(model)
+    with mock.patch.object(DDP, "_passing_sync_batchnorm_handle", lambda self, module: None):
+        return DDP(model)
+
+
+def _sync_bn_job(rank):
+    """DDP training of the SyncBN model made memory-efficient, converted both ways round."""
+    results = {}
+    converted = {
+        "sync then fused": inductor_convbn.memory_efficient(
+            nn.SyncBatchNorm.convert_sync_batchnorm(_bn_model())
+        ),
+        "fused then sync": nn.SyncBatchNorm.convert_sync_batchnorm(
+            inductor_convbn.memory_efficient(_bn_model())
+        ),
+    }
+    for name, model in converted.items():
+        fused = [m for m in model.modules() if isinstance(m, inductor_convbn.FusedConvBatchNorm2d)]
+        assert len(fused) == 2 and all(isinstance(m.bn, nn.SyncBatchNorm) for m in fused)
+        ddp = _ddp(model)
+        _train(model, lambda step, ddp=ddp: _loss(ddp(_batch(step, rank))))
+        results[name] = model.state_dict()
+    return results
+
+
+def test_sync_batch_norm_trains_like_the_global_batch(tmp_path):
+    expected = _global_batch_reference()
+    results = _run(_sync_bn_job, tmp_path)
+    for rank, result in enumerate(results):
+        for name, state in result.items():
+            assert state.keys() == expected.keys(), (rank, name)
+            torch.testing.assert_close(
+                state, expected, msg=lambda m, r=rank, n=name: f"{r} {n}: {m}"
+            )
+
+
+def _process_group_job(rank):
+    """The fused SyncBatchNorm normalises over the batches of its process group: a group of
+    this process alone, and the world where process 1's batch is empty."""
+    own_group, _ = dist.new_subgroups(group_size=1)
+    results = {}
+    for name, group, x in (
+        ("own group", own_group, _batch(0, rank)),
+        ("world, one batch empty", None, _batch(0, 0)[: BATCHES[0] * (1 - rank)]),
+    ):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(_bn_model(), process_group=group)
+        model = inductor_convbn.memory_efficient(model)
+        x = x.requires_grad_()
+        out = model(x)
+        # A sum: the mean of an empty batch is nan.
+        (out.square().sum() / BATCHES[0]).backward()
+        results[name] = {"out": out.detach(), "grad": x.grad, "state": model.state_dict()}
+    return results
+
+
+def _plain_step(x):
+    model = _bn_model()
+    x = x.requires_grad_()
+    out = model(x)
+    (out.square().sum() / BATCHES[0]).backward()
+    return {"out": out.detach(), "grad": x.grad, "state": model.state_dict()}
+
+
+def test_sync_batch_norm_reduces_over_its_process_group(tmp_path):
+    results = _run(_process_group_job, tmp_path)
+    for rank, result in enumerate(results):
+        own, world = result["own group"], result["world, one batch empty"]
+        torch.testing.assert_close(own, _plain_step(_batch(0, rank)))
+        # Process 0's batch is the group's: both processes get its statistics.
+        expected = _plain_step(_batch(0, 0))
+        torch.testing.assert_close(world["state"], expected["state"])
+        if rank == 0:
+            torch.testing.assert_close(world, expected)
+        else:
+            assert world["out"].shape[0] == world["grad"].shape[0] == 0
+
+
+def test_sync_batch_norm_without_distributed_is_batch_norm():
+    """Outside a process group SyncBatchNorm is plain batch norm, and so is the fused layer."""
+    assert not dist.is_initialized()
+    reference = nn.SyncBatchNorm.convert_sync_batchnorm(_bn_model())
+    model = inductor_convbn.memory_efficient(reference)
+    assert inductor_convbn.memory_efficient_report(model).fused == 2
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (reference, model)]
+    for step in range(STEPS):
+        for m, optimizer in zip((reference, model), optimizers, strict=True):
+            optimizer.zero_grad()
+            _loss(m(_batch(step, 0))).backward()
+            optimizer.step()
+    torch.testing.assert_close(model.state_dict(), reference.state_dict())
