@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import inductor_convbn
+from inductor_convbn import _compat, _decide
 from inductor_convbn.testing import randomize_batch_norm
 
 WORLD = 2
@@ -196,3 +197,74 @@ def test_sync_batch_norm_without_distributed_is_batch_norm():
             _loss(m(_batch(step, 0))).backward()
             optimizer.step()
     torch.testing.assert_close(model.state_dict(), reference.state_dict())
+
+
+# -- the grad stage inside DistributedDataParallel -------------------------------------------
+
+_MIB = 1 << 20
+
+
+class _FrozenBnNet(nn.Module):
+    """Two conv -> frozen BN pairs and a projection sized so that DDP's gradient buckets
+    cut dynamo's graph between the second conv and its BN.
+
+    DDPOptimizer counts parameter bytes backwards from the output and cuts where a bucket
+    (1 MiB, the smallest DDP allows it) fills up: the projection's bytes fall 64 short of
+    it, and the BN's weight and bias (128 bytes) fill it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        )  # fmt: skip
+        self.proj = nn.Parameter(torch.randn(16, (_MIB - 64) // (16 * 4)) / 4)
+
+    def forward(self, x):
+        return self.body(x).mean((2, 3)) @ self.proj
+
+
+def _frozen_bn_net():
+    torch.manual_seed(0)
+    model = randomize_batch_norm(_FrozenBnNet())
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()  # frozen: running statistics, trainable affine
+    return model
+
+
+def _folded(compiled, x):
+    _compat.dynamo_reset()
+    _compat.counters.clear()
+    compiled(x).sum().backward()
+    return _compat.counters["inductor"][_decide.COUNTER_FOLDED]
+
+
+def _grad_stage_job(rank):
+    inductor_convbn.install()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(rank))
+    # The premise: without the grad stage running before DDPOptimizer's cut, the second
+    # pair is cut in two and stays as it is.
+    with mock.patch.object(_compat, "_before_ddp_split", []):
+        folded_after_cut = _folded(torch.compile(DDP(_frozen_bn_net(), bucket_cap_mb=1)), x)
+    model, reference = _frozen_bn_net(), _frozen_bn_net()
+    compiled = torch.compile(DDP(model, bucket_cap_mb=1))
+    eager = DDP(reference, bucket_cap_mb=1)
+    _compat.dynamo_reset()
+    _compat.counters.clear()
+    for fn, trained in ((compiled, model), (eager, reference)):
+        _train(trained, lambda step, fn=fn: fn(x + step).square().mean())
+    return {
+        "folded_after_cut": folded_after_cut,
+        "folded": _compat.counters["inductor"][_decide.COUNTER_FOLDED],
+        "state": (model.state_dict(), reference.state_dict()),
+    }
+
+
+def test_grad_stage_folds_every_pair_inside_ddp(tmp_path):
+    for result in _run(_grad_stage_job, tmp_path):
+        assert result["folded_after_cut"] == 1, result
+        assert result["folded"] == 2, result
+        state, expected = result["state"]
+        torch.testing.assert_close(state, expected)
