@@ -261,38 +261,108 @@ class _ConvSyncBatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, bn_weight, mean, invstd, count = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.hyper
         need_x, need_w, need_b, need_gamma, need_beta = ctx.needs_input_grad[:5]
-        need_conv = need_x or need_w or need_b
-        conv_args = (stride, padding, dilation, False, [0] * len(stride), groups)
-        # The conv output, recomputed: this is the buffer the forward did not keep.
-        y = torch.convolution(x, weight, bias, *conv_args)
-        shape = [1, -1] + [1] * (y.dim() - 2)
-        dims = [0, *range(2, y.dim())]
-        dy = grad_out.to(mean.dtype)
-        centred = y.to(mean.dtype) - mean.view(shape)
-        del y
-        sum_dy = dy.sum(dims)
-        sum_dy_centred = (dy * centred).sum(dims)
+        y, sum_dy, sum_dy_centred = _sync_bn_backward_reduce(
+            grad_out, x, weight, bias, mean, *ctx.hyper
+        )
         # In the dtype of the BN's parameters, which autocast leaves in float32.
         grad_gamma = (sum_dy_centred * invstd).to(ctx.affine_dtype) if need_gamma else None
         grad_beta = sum_dy.to(ctx.affine_dtype) if need_beta else None
         grad_x = grad_w = grad_b = None
-        if need_conv:
+        if need_x or need_w or need_b:
             # Every process computes this: the all-reduce pairs up across the group.
             sums = torch.cat([sum_dy, sum_dy_centred])
             torch.distributed.all_reduce(sums, group=ctx.group)
-            mean_dy, mean_dy_centred = (sums / count).chunk(2)
-            scale = invstd if bn_weight is None else invstd * bn_weight.to(invstd.dtype)
-            grad_y = (
-                dy - mean_dy.view(shape) - centred * (invstd.square() * mean_dy_centred).view(shape)
-            ) * scale.view(shape)
-            del dy, centred
-            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_y.to(grad_out.dtype), x, weight, None if bias is None else [bias.shape[0]],
-                *conv_args, [need_x, need_w, need_b],
+            mask = [need_x, need_w, need_b]
+            grads = _sync_bn_backward_elemt(
+                grad_out, x, weight, bias, y, mean, invstd, bn_weight, sums, count, *ctx.hyper,
+                mask,
             )  # fmt: skip
+            grad_x, grad_w, grad_b = (g if n else None for g, n in zip(grads, mask, strict=True))
         return (grad_x, grad_w, grad_b, grad_gamma, grad_beta) + (None,) * 6
+
+
+# The SyncBatchNorm backward in two opaque ops, for the reason given in _ConvBatchNormTrain,
+# with the all-reduce between them: the conv output they pass on lives in backward only.
+def _sync_bn_backward_reduce_impl(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The conv output, recomputed, and this process's per-channel sums of the output
+    gradient and of the output gradient times the centred conv output."""
+    y = torch.convolution(
+        x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
+    )
+    shape, dims = [1, -1] + [1] * (y.dim() - 2), [0, *range(2, y.dim())]
+    dy = grad_out.to(mean.dtype)
+    return y, dy.sum(dims), (dy * (y.to(mean.dtype) - mean.view(shape))).sum(dims)
+
+
+def _sync_bn_backward_elemt_impl(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    sums: torch.Tensor,
+    count: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for x, weight and bias (empty where not asked for), from the group's
+    ``sums`` (of the output gradient, then of it times the centred output)."""
+    shape = [1, -1] + [1] * (y.dim() - 2)
+    mean_dy, mean_dy_centred = (sums / count).chunk(2)
+    centred = y.to(mean.dtype) - mean.view(shape)
+    scale = invstd if bn_weight is None else invstd * bn_weight.to(invstd.dtype)
+    grad_y = grad_out.to(mean.dtype) - mean_dy.view(shape)
+    grad_y = (grad_y - centred * (invstd.square() * mean_dy_centred).view(shape)) * scale.view(
+        shape
+    )
+    del centred
+    grads = torch.ops.aten.convolution_backward(
+        grad_y.to(grad_out.dtype), x, weight, None if bias is None else [bias.shape[0]],
+        stride, padding, dilation, False, [0] * len(stride), groups, output_mask,
+    )  # fmt: skip
+    # A fresh empty tensor for each gradient not asked for: outputs may not alias.
+    return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
+
+
+_CONV_SCHEMA = "int[] stride, int[] padding, int[] dilation, int groups"
+_sync_bn_backward_reduce = torch.library.custom_op(
+    "inductor_convbn::sync_bn_backward_reduce",
+    _sync_bn_backward_reduce_impl,
+    mutates_args=(),
+    schema=(
+        f"(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor mean, {_CONV_SCHEMA})"
+        " -> (Tensor, Tensor, Tensor)"
+    ),
+)
+_sync_bn_backward_reduce.register_fake(_sync_bn_backward_reduce_impl)
+_sync_bn_backward_elemt = torch.library.custom_op(
+    "inductor_convbn::sync_bn_backward_elemt",
+    _sync_bn_backward_elemt_impl,
+    mutates_args=(),
+    schema=(
+        "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor y, Tensor mean, "
+        "Tensor invstd, Tensor? bn_weight, Tensor sums, Tensor count, "
+        f"{_CONV_SCHEMA}, bool[] output_mask) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+_sync_bn_backward_elemt.register_fake(_sync_bn_backward_elemt_impl)
 
 
 def _conv_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
