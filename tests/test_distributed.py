@@ -12,6 +12,7 @@ import os
 import socket
 from unittest import mock
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -187,6 +188,41 @@ def test_sync_batch_norm_trains_like_the_global_batch(tmp_path):
         saved = result["saved"]
         assert saved["plain"] - saved["fused"] == result["conv outputs"], saved
         assert saved["compiled"] <= saved["fused"], saved
+
+
+def _sync_bn_gpu_job(rank):
+    """The fused layer against nn.SyncBatchNorm itself, which runs on GPUs: DDP training in
+    float64, and one step under bfloat16 autocast."""
+    device = torch.device("cuda", rank)
+    reference = nn.SyncBatchNorm.convert_sync_batchnorm(_bn_model()).to(device)
+    model = inductor_convbn.memory_efficient(reference)
+    for trained in (reference, model):
+        ddp = DDP(trained, device_ids=[rank])
+        _train(trained, lambda step, ddp=ddp: _loss(ddp(_batch(step, rank, device))))
+    states = (model.state_dict(), reference.state_dict())
+    grads = []
+    autocast_reference = nn.SyncBatchNorm.convert_sync_batchnorm(_bn_model().float()).to(device)
+    for m in (inductor_convbn.memory_efficient(autocast_reference), autocast_reference):
+        x = _batch(0, rank, device).float().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(x)
+        _loss(out.float()).backward()
+        # The same parameters in the same order, under other names.
+        grads.append([out.detach(), x.grad, *(p.grad for p in m.parameters())])
+    return _compat.tree_map(
+        lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t,
+        {"states": states, "autocast": tuple(grads)},
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA devices")
+def test_sync_batch_norm_trains_like_sync_batch_norm_on_gpus(tmp_path):
+    for result in _run(_sync_bn_gpu_job, tmp_path, backend="nccl"):
+        state, expected = result["states"]
+        torch.testing.assert_close(state, expected)
+        fused, reference = result["autocast"]
+        torch.testing.assert_close(fused, reference, rtol=2e-2, atol=2e-2)
 
 
 def _process_group_job(rank):
