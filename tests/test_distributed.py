@@ -225,45 +225,57 @@ def test_sync_batch_norm_trains_like_sync_batch_norm_on_gpus(tmp_path):
         torch.testing.assert_close(fused, reference, rtol=2e-2, atol=2e-2)
 
 
+def _step(model, x, autocast):
+    """One forward and backward; the output, the input's gradient and the model's state."""
+    x = x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    # A sum: the mean of an empty batch is nan.
+    (out.float().square().sum() / BATCHES[0]).backward()
+    return {"out": out.detach(), "grad": x.grad, "state": model.state_dict()}
+
+
+# name: (the SyncBatchNorm's group is this process's own, bfloat16 autocast)
+_GROUP_CASES = {
+    "own group": (True, False),
+    "world, one batch empty": (False, False),
+    "world, one batch empty, bfloat16 autocast": (False, True),
+}
+
+
 def _process_group_job(rank):
     """The fused SyncBatchNorm normalises over the batches of its process group: a group of
-    this process alone, and the world where process 1's batch is empty."""
+    this process alone, and the world where process 1's batch is empty (in float64, and in
+    float32 under bfloat16 autocast)."""
     own_group, _ = dist.new_subgroups(group_size=1)
     results = {}
-    for name, group, x in (
-        ("own group", own_group, _batch(0, rank)),
-        ("world, one batch empty", None, _batch(0, 0)[: BATCHES[0] * (1 - rank)]),
-    ):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(_bn_model(), process_group=group)
-        model = inductor_convbn.memory_efficient(model)
-        x = x.requires_grad_()
-        out = model(x)
-        # A sum: the mean of an empty batch is nan.
-        (out.square().sum() / BATCHES[0]).backward()
-        results[name] = {"out": out.detach(), "grad": x.grad, "state": model.state_dict()}
+    for name, (own, autocast) in _GROUP_CASES.items():
+        model = _bn_model().float() if autocast else _bn_model()
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, own_group if own else None)
+        x = _batch(0, rank) if own else _batch(0, 0)[: BATCHES[0] * (1 - rank)]
+        x = x.float() if autocast else x
+        results[name] = _step(inductor_convbn.memory_efficient(model), x, autocast)
     return results
-
-
-def _plain_step(x):
-    model = _bn_model()
-    x = x.requires_grad_()
-    out = model(x)
-    (out.square().sum() / BATCHES[0]).backward()
-    return {"out": out.detach(), "grad": x.grad, "state": model.state_dict()}
 
 
 def test_sync_batch_norm_reduces_over_its_process_group(tmp_path):
     results = _run(_process_group_job, tmp_path)
     for rank, result in enumerate(results):
-        own, world = result["own group"], result["world, one batch empty"]
-        torch.testing.assert_close(own, _plain_step(_batch(0, rank)))
-        # Process 0's batch is the group's: both processes get its statistics.
-        expected = _plain_step(_batch(0, 0))
-        torch.testing.assert_close(world["state"], expected["state"])
-        if rank == 0:
-            torch.testing.assert_close(world, expected)
-        else:
-            assert world["out"].shape[0] == world["grad"].shape[0] == 0
+        for name, (own, autocast) in _GROUP_CASES.items():
+            # Without a group, process 0's batch is the group's: both processes get its
+            # statistics.
+            x = _batch(0, rank if own else 0)
+            model = _bn_model()
+            if autocast:
+                model, x = model.float(), x.float()
+            expected = _step(model, x, autocast)
+            got = result[name]
+            tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {}
+            if own or rank == 0:
+                torch.testing.assert_close(got, expected, **tolerance)
+            else:
+                torch.testing.assert_close(got["state"], expected["state"], **tolerance)
+                assert got["out"].shape[0] == got["grad"].shape[0] == 0
 
 
 def test_sync_batch_norm_without_distributed_is_batch_norm():
