@@ -378,11 +378,15 @@ def test_hazards_are_skipped_with_reasons():
     _assert_same_training(model, converted, x, steps=2, rtol=1e-4, atol=1e-4)
 
 
-def test_sync_batch_norm_is_not_fused():
+def test_sync_batch_norm_is_fused_a_bn_of_another_rank_is_not():
+    # SyncBatchNorm in a process group: tests/test_distributed.py
     model = nn.Sequential(nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4), nn.Conv1d(4, 4, 1))
     model[2] = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm3d(4))  # BN of the wrong rank
-    report = inductor_convbn.memory_efficient_report(inductor_convbn.memory_efficient(model))
-    assert report.skipped == [("0", _pairs.BN_TYPE), ("2.0", _pairs.BN_TYPE)]
+    converted = inductor_convbn.memory_efficient(model)
+    report = inductor_convbn.memory_efficient_report(converted)
+    assert report.skipped == [("2.0", _pairs.BN_TYPE)]
+    assert isinstance(converted[0], inductor_convbn.FusedConvBatchNorm2d)
+    assert isinstance(converted[0].bn, nn.SyncBatchNorm)
 
 
 def test_input_model_is_left_alone_unless_inplace():

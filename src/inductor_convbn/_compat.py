@@ -49,6 +49,7 @@ __all__ = [
     "pattern_tracing_mode",
     "register_pattern",
     "run_and_get_code",
+    "run_before_ddp_split",
     "tree_leaves",
     "tree_map",
     "unset_fake_temporarily",
@@ -299,3 +300,32 @@ def is_backward_graph(graph: torch.fx.Graph) -> bool:
         n.op == "placeholder" and str(n.target).startswith("tangents")
         for n in graph.find_nodes(op="placeholder")
     )
+
+
+_before_ddp_split: list[Callable[[torch.fx.GraphModule], None]] = []
+
+
+def run_before_ddp_split(hook: Callable[[torch.fx.GraphModule], None]) -> None:
+    """Have dynamo's DDPOptimizer call ``hook(gm)`` on the graph of a
+    DistributedDataParallel module before it cuts it at the gradient buckets' boundaries.
+
+    Idempotent for one hook. DDPOptimizer has no hook of its own, so its ``compile_fn``
+    (every release from torch 2.0 on) is wrapped, calling the original after the hooks.
+    """
+    if hook in _before_ddp_split:
+        return
+    if not torch.distributed.is_available():
+        return  # no DistributedDataParallel, no DDPOptimizer
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    if not _before_ddp_split:
+        original = DDPOptimizer.compile_fn
+
+        @functools.wraps(original)
+        def compile_fn(self: Any, gm: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+            for each in _before_ddp_split:
+                each(gm)
+            return original(self, gm, *args, **kwargs)
+
+        DDPOptimizer.compile_fn = compile_fn  # type: ignore[method-assign]
+    _before_ddp_split.append(hook)

@@ -257,7 +257,7 @@ CHANNELS_DIFFER = "BN has {features} features, the {kind} has {channels}"
 LINEAR_ASSUMED_2D = "linear output assumed 2-D; pass example inputs to fuse() to check"
 # Why the training layer leaves a pair as it is.
 NOT_A_CONV = "the layer is not an nn.Conv1d/2d/3d: there is no fused training layer for it"
-BN_TYPE = "the BN is not the nn.BatchNorm of the conv's rank (SyncBatchNorm is not fused)"
+BN_TYPE = "the BN is neither the nn.BatchNorm of the conv's rank nor an nn.SyncBatchNorm"
 FUNCTIONAL_BN = "a functional batch_norm: only BatchNorm modules are swapped"
 TENSORS_READ = "the model reads the conv's or the BN's tensors elsewhere in forward"
 # A layer followed by ``* scale + shift`` that is no per-channel affine map (not reported).

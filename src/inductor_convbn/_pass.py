@@ -147,7 +147,24 @@ def install(policy: str = "auto") -> None:
             setattr(
                 _compat.inductor_config, field, ConvBnFoldPass(current, stage=stage, policy=policy)
             )
+        _compat.run_before_ddp_split(_fold_before_ddp_split)
         _installed_here.set(policy)
+
+
+def _fold_before_ddp_split(gm: torch.fx.GraphModule) -> None:
+    """The grad stage on the whole graph of a DistributedDataParallel module.
+
+    Dynamo's DDPOptimizer cuts that graph where DDP's gradient buckets fill up and compiles
+    each piece on its own, so the grad stage would see one piece at a time, and a cut
+    between a conv and its BN (where the BN's parameters fill a bucket) would hide the pair.
+    Run before the cut, it folds every pair; the pieces then hold folded layers, and the
+    fold's parameters land in the bucket of the layer they are folded into. It runs only
+    while the plugin's grad stage is Inductor's pre-grad pass, with its policy.
+    """
+    grad_pass = getattr(_compat.inductor_config, HOOKS["grad"])
+    if isinstance(grad_pass, ConvBnFoldPass) and grad_pass.stage == "grad":
+        if _pregrad.fold_for_grad(gm.graph, policy=grad_pass.policy):
+            gm.recompile()
 
 
 def uninstall() -> None:

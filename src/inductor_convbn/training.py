@@ -167,6 +167,204 @@ _conv_bn_train_backward = torch.library.custom_op(
 _conv_bn_train_backward.register_fake(_conv_bn_train_backward_impl)
 
 
+def _sync_group(bn: nn.modules.batchnorm._BatchNorm) -> Any:
+    """The process group whose batch ``bn`` normalises over, or None for the local batch.
+
+    What ``nn.SyncBatchNorm.forward`` decides: a SyncBatchNorm in training mode, with
+    ``torch.distributed`` initialised and more than one process in its ``process_group``
+    (None: the world); otherwise it is plain batch norm.
+    """
+    if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
+        return None
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return None
+    group = bn.process_group or distributed.group.WORLD
+    return group if distributed.get_world_size(group) > 1 else None
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precision, as the batch-norm kernels accumulate; else ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _global_batch_stats(
+    y: torch.Tensor, group: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``y`` over the batches of every process in
+    ``group``, and the number of values per channel there.
+
+    Each process's mean, variance and count are gathered, not summed, so that batches of
+    different sizes (an empty one too) weigh by their counts, as in ``nn.SyncBatchNorm``;
+    they are combined by the parallel-variance formula, which avoids the cancellation of a
+    sum of squares.
+    """
+    channels = y.shape[1]
+    dims = [0, *range(2, y.dim())]
+    acc = _accumulation_dtype(y.dtype)
+    count = y.numel() // channels
+    if count > 0:
+        var, mean = torch.var_mean(y.to(acc), dims, correction=0)
+    else:  # an empty batch still takes part in the collective, with count 0
+        mean = var = y.new_zeros(channels, dtype=acc)
+    local = torch.cat([mean, var, mean.new_full((1,), count)])
+    world = torch.distributed.get_world_size(group)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(gathered, local, group=group)
+    stats = torch.stack(gathered)
+    means, variances, counts = stats[:, :channels], stats[:, channels:-1], stats[:, -1:]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (counts * (variances + (means - mean).square())).sum(0) / total
+    return mean, var, total
+
+
+class _ConvSyncBatchNormTrain(torch.autograd.Function):
+    """``_ConvBatchNormTrain`` for a SyncBatchNorm: the statistics of the whole group's batch.
+
+    Forward normalises with the mean and variance over every process's batch
+    (``_global_batch_stats``). Backward recomputes the conv, all-reduces the per-channel
+    sums of the output gradient and of the gradient times the centred output, and takes the
+    conv output's gradient from those global sums, as ``nn.SyncBatchNorm``'s backward does.
+    The BN's weight and bias get this process's share of their gradients (the sums over
+    its own batch), which DistributedDataParallel averages, again as for SyncBatchNorm.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bn_weight: torch.Tensor | None,
+        bn_bias: torch.Tensor | None,
+        eps: float,
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+        group: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        y = torch.convolution(
+            x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
+        )
+        mean, var, count = _global_batch_stats(y, group)
+        out = torch.ops.aten.native_batch_norm(y, bn_weight, bn_bias, mean, var, False, 0.0, eps)[0]
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, bias, bn_weight, mean, invstd, count)
+        ctx.hyper = (stride, padding, dilation, groups)
+        ctx.group = group
+        ctx.affine_dtype = None if bn_weight is None else bn_weight.dtype
+        ctx.mark_non_differentiable(mean, var, count)
+        return out, mean, var, count
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias, bn_weight, mean, invstd, count = ctx.saved_tensors
+        need_x, need_w, need_b, need_gamma, need_beta = ctx.needs_input_grad[:5]
+        y, sum_dy, sum_dy_centred = _sync_bn_backward_reduce(
+            grad_out, x, weight, bias, mean, *ctx.hyper
+        )
+        # In the dtype of the BN's parameters, which autocast leaves in float32.
+        grad_gamma = (sum_dy_centred * invstd).to(ctx.affine_dtype) if need_gamma else None
+        grad_beta = sum_dy.to(ctx.affine_dtype) if need_beta else None
+        grad_x = grad_w = grad_b = None
+        if need_x or need_w or need_b:
+            # Every process computes this: the all-reduce pairs up across the group.
+            sums = torch.cat([sum_dy, sum_dy_centred])
+            torch.distributed.all_reduce(sums, group=ctx.group)
+            mask = [need_x, need_w, need_b]
+            grads = _sync_bn_backward_elemt(
+                grad_out, x, weight, bias, y, mean, invstd, bn_weight, sums, count, *ctx.hyper,
+                mask,
+            )  # fmt: skip
+            grad_x, grad_w, grad_b = (g if n else None for g, n in zip(grads, mask, strict=True))
+        return (grad_x, grad_w, grad_b, grad_gamma, grad_beta) + (None,) * 6
+
+
+# The SyncBatchNorm backward in two opaque ops, for the reason given in _ConvBatchNormTrain,
+# with the all-reduce between them: the conv output they pass on lives in backward only.
+def _sync_bn_backward_reduce_impl(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The conv output, recomputed, and this process's per-channel sums of the output
+    gradient and of the output gradient times the centred conv output."""
+    y = torch.convolution(
+        x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
+    )
+    shape, dims = [1, -1] + [1] * (y.dim() - 2), [0, *range(2, y.dim())]
+    dy = grad_out.to(mean.dtype)
+    return y, dy.sum(dims), (dy * (y.to(mean.dtype) - mean.view(shape))).sum(dims)
+
+
+def _sync_bn_backward_elemt_impl(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    sums: torch.Tensor,
+    count: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for x, weight and bias (empty where not asked for), from the group's
+    ``sums`` (of the output gradient, then of it times the centred output)."""
+    shape = [1, -1] + [1] * (y.dim() - 2)
+    mean_dy, mean_dy_centred = (sums / count).chunk(2)
+    centred = y.to(mean.dtype) - mean.view(shape)
+    scale = invstd if bn_weight is None else invstd * bn_weight.to(invstd.dtype)
+    grad_y = grad_out.to(mean.dtype) - mean_dy.view(shape)
+    grad_y = (grad_y - centred * (invstd.square() * mean_dy_centred).view(shape)) * scale.view(
+        shape
+    )
+    del centred
+    grads = torch.ops.aten.convolution_backward(
+        grad_y.to(grad_out.dtype), x, weight, None if bias is None else [bias.shape[0]],
+        stride, padding, dilation, False, [0] * len(stride), groups, output_mask,
+    )  # fmt: skip
+    # A fresh empty tensor for each gradient not asked for: outputs may not alias.
+    return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
+
+
+_CONV_SCHEMA = "int[] stride, int[] padding, int[] dilation, int groups"
+_sync_bn_backward_reduce = torch.library.custom_op(
+    "inductor_convbn::sync_bn_backward_reduce",
+    _sync_bn_backward_reduce_impl,
+    mutates_args=(),
+    schema=(
+        f"(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor mean, {_CONV_SCHEMA})"
+        " -> (Tensor, Tensor, Tensor)"
+    ),
+)
+_sync_bn_backward_reduce.register_fake(_sync_bn_backward_reduce_impl)
+_sync_bn_backward_elemt = torch.library.custom_op(
+    "inductor_convbn::sync_bn_backward_elemt",
+    _sync_bn_backward_elemt_impl,
+    mutates_args=(),
+    schema=(
+        "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor y, Tensor mean, "
+        "Tensor invstd, Tensor? bn_weight, Tensor sums, Tensor count, "
+        f"{_CONV_SCHEMA}, bool[] output_mask) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+_sync_bn_backward_elemt.register_fake(_sync_bn_backward_elemt_impl)
+
+
 def _conv_padding(conv: nn.modules.conv._ConvNd) -> list[int]:
     """The conv's padding as numbers per side, or ValueError when it is not symmetric."""
     if conv.padding_mode != "zeros":
@@ -231,10 +429,11 @@ class _FusedConvBatchNormNd(nn.Module):
         Its ``state_dict`` is the pair's, under ``conv.`` and ``bn.``: a checkpoint of the
         pair loads into it, and ``to_modules()`` gives the pair back.
         """
-        if type(conv) is not cls._conv_type or type(bn) is not cls._bn_type:
+        if type(conv) is not cls._conv_type or type(bn) not in (cls._bn_type, nn.SyncBatchNorm):
             raise TypeError(
                 f"{cls.__name__}.from_modules() takes an {cls._conv_type.__name__} and a "
-                f"{cls._bn_type.__name__}, got {type(conv).__name__} and {type(bn).__name__}"
+                f"{cls._bn_type.__name__} or SyncBatchNorm, got {type(conv).__name__} and "
+                f"{type(bn).__name__}"
             )
         conv_nd = cast(nn.modules.conv._ConvNd, conv)
         bn_nd = cast(nn.modules.batchnorm._BatchNorm, bn)
@@ -269,18 +468,30 @@ class _FusedConvBatchNormNd(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
+        conv_args = (list(conv.stride), self._padding, list(conv.dilation), conv.groups)
+        group = _sync_group(bn)
         with torch.autocast(device_type, enabled=False):
-            out, mean, invstd = _ConvBatchNormTrain.apply(
-                x, weight, bias, bn.weight, bn.bias, bn.eps,
-                list(conv.stride), self._padding, list(conv.dilation), conv.groups,
-            )  # fmt: skip
-        if bn.training and out.numel() // out.shape[1] <= 1:
-            # What nn.BatchNorm says: one value per channel has no variance.
+            if group is not None:
+                out, mean, var, count = _ConvSyncBatchNormTrain.apply(
+                    x, weight, bias, bn.weight, bn.bias, bn.eps, *conv_args, group
+                )
+            else:
+                out, mean, invstd = _ConvBatchNormTrain.apply(
+                    x, weight, bias, bn.weight, bn.bias, bn.eps, *conv_args
+                )
+                count = out.numel() // out.shape[1]
+        if group is None and bn.training and count <= 1:
+            # What nn.BatchNorm says: one value per channel has no variance. (SyncBatchNorm
+            # does not check the group's count.)
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {out.size()}"
             )
         if bn.training and bn.running_mean is not None:
-            self._update_running_stats(out, mean, invstd)
+            if group is None:
+                # invstd = 1 / sqrt(var + eps), in float32 at least (the kernel's
+                # accumulation type).
+                var = invstd.pow(-2) - bn.eps
+            self._update_running_stats(count, mean, var)
         return out
 
     def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -297,12 +508,12 @@ class _FusedConvBatchNormNd(nn.Module):
         )  # fmt: skip
 
     def _update_running_stats(
-        self, out: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor
+        self, count: int | torch.Tensor, mean: torch.Tensor, var: torch.Tensor
     ) -> None:
-        """What ``nn.BatchNorm`` does in training: unbiased variance, momentum or average."""
+        """What ``nn.BatchNorm`` does in training, from the batch's ``count`` values per
+        channel and their mean and biased ``var``: unbiased variance, momentum or average."""
         bn = self.bn
         assert bn.running_mean is not None and bn.running_var is not None
-        count = out.numel() // out.shape[1]
         running_mean, running_var = bn.running_mean, bn.running_var
         factor: float | torch.Tensor = 0.0 if bn.momentum is None else bn.momentum
         with torch.no_grad():
@@ -311,8 +522,7 @@ class _FusedConvBatchNormNd(nn.Module):
                 if bn.momentum is None:  # a cumulative moving average
                     # A tensor, not float(): torch.compile keeps it in the graph.
                     factor = 1.0 / bn.num_batches_tracked.to(running_mean.dtype)
-            # invstd = 1 / sqrt(var + eps), in float32 at least (the kernel's accumulation type).
-            var = (invstd.pow(-2) - bn.eps) * (count / (count - 1))
+            var = var * (count / (count - 1))
             running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
             running_var.mul_(1 - factor).add_(var.to(running_var.dtype) * factor)
 
@@ -418,7 +628,7 @@ def memory_efficient(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"memory_efficient() takes an nn.Module, got {type(model).__name__}")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy(model)
     gm = trace(
         target,
         caller="memory_efficient()",
@@ -441,6 +651,13 @@ def memory_efficient(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     return target
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose SyncBatchNorms share the original's process groups
+    (a process group cannot be copied: it is a handle on the processes' connection)."""
+    groups = [m.process_group for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    return copy.deepcopy(model, {id(g): g for g in groups if g is not None})
+
+
 def memory_efficient_report(model: nn.Module) -> MemoryEfficientReport:
     """The report of the ``memory_efficient()`` call that converted ``model``."""
     report = getattr(model, "__dict__", {}).get(_REPORT_ATTRIBUTE)
@@ -456,7 +673,7 @@ def _reason_not_to_swap(gm: torch.fx.GraphModule, pair: ModulePair) -> str:
     fused_type = _FUSED_TYPES.get(type(pair.layer_module))
     if fused_type is None:
         return _pairs.NOT_A_CONV
-    if type(pair.bn_module) is not fused_type._bn_type:
+    if type(pair.bn_module) not in (fused_type._bn_type, nn.SyncBatchNorm):
         return _pairs.BN_TYPE
     reason = pair.module_reason(moves_bn=True)
     if reason:
