@@ -128,7 +128,7 @@ def compile_variant(
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         undo = on_graph(gm) if on_graph is not None else None
-        plugin_cm = _pass.installed(policy) if plugin else contextlib.nullcontext()
+        plugin_cm = _pass.installed(policy) if plugin else _pass.removed()
         _announce("compiling")
         try:
             with plugin_cm, _compat.inductor_config.patch(patches):

@@ -35,6 +35,8 @@ __all__ = [
     "layer_kind_of_module",
     "module_name",
     "reason_not_to_fold",
+    "start_of_leading_views",
+    "value_users",
 ]
 
 
@@ -334,6 +336,60 @@ def reason_not_to_fold(
     if other_users:
         return OTHER_USERS
     return rank_reason(kind, output_rank)
+
+
+# Calls that reshape a tensor without moving its data. A chain of them that only merges the
+# leading dims of a linear layer's output, (B, N, C) -> (B*N, C), keeps the features as the
+# last dim, so a BatchNorm1d after it folds into the layer as it would right after it
+# (timm's LeViT: ``bn(linear(x).flatten(0, 1))``). Inductor removes such views before the
+# plugin's freezing and per-call stages see the graph.
+_VIEW_METHODS = ("flatten", "view", "reshape")
+_VIEW_FUNCTIONS = (torch.flatten, torch.reshape)
+
+
+# Uses of a tensor that read only its metadata, never its values: a fold leaves them as
+# they were. (timm's LeViT: ``bn(x.flatten(0, 1)).reshape_as(x)`` with x the linear output.)
+_METADATA_METHODS = ("size", "dim", "numel", "ndimension")
+_LIKE_METHODS = ("reshape_as", "view_as", "expand_as")  # argument 1 gives only a shape
+_METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "layout")
+
+
+def value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The users of ``node`` that read its values, not only its shape, dtype or device."""
+
+    def reads_values(user: torch.fx.Node) -> bool:
+        if user.op == "call_method" and user.target in _METADATA_METHODS:
+            return False
+        if user.op == "call_method" and user.target in _LIKE_METHODS:
+            return user.args[0] is node
+        if user.op == "call_function" and user.target is getattr:
+            return user.args[1] not in _METADATA_ATTRIBUTES
+        return True
+
+    return [u for u in node.users if reads_values(u)]
+
+
+def start_of_leading_views(node: torch.fx.Node) -> torch.fx.Node | None:
+    """Where a chain of single-user views ending at ``node`` starts, when the chain only
+    merges leading dims and ends at rank 2; None when ``node`` is no such chain."""
+    chain = []
+    while (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+        node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+    ):
+        chain.append(node)
+        source = node.args[0] if node.args else None
+        if not isinstance(source, torch.fx.Node) or len(value_users(source)) != 1:
+            return None
+        node = source
+    if not chain:
+        return None
+    values = [n.meta.get("example_value", n.meta.get("val")) for n in (node, *chain)]
+    if not all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in values):
+        return None
+    features = values[0].shape[-1]
+    if values[-1].dim() != 2 or any(v.shape[-1] != features for v in values):
+        return None
+    return node
 
 
 def rank_reason(kind: LayerKind, output_rank: int | None) -> str:

@@ -20,6 +20,7 @@ __all__ = [
     "install",
     "installed",
     "is_installed",
+    "removed",
     "saved_state",
     "source_hash",
     "uninstall",
@@ -95,6 +96,8 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
             frozen = _compat.frozen_parameters()
             if frozen:
                 _registry.fold_frozen(graph, frozen)
+            elif _compat.inductor_config.freezing and not torch.is_grad_enabled():
+                _registry.warn_nothing_frozen(graph)
         elif self.stage == "early":
             _decide.count_marks(graph)
             _registry.fold_per_call(graph, policy=self.policy)
@@ -215,6 +218,16 @@ def installed(policy: str = "auto") -> Iterator[None]:
                 uninstall()
             else:
                 install(previous_policy)
+
+
+@contextlib.contextmanager
+def removed() -> Iterator[None]:
+    """The plugin uninstalled for the duration of a ``with`` block (the passes it chained
+    stay); the previous state comes back after it."""
+    with saved_state():
+        if is_installed():
+            uninstall()
+        yield
 
 
 @contextlib.contextmanager

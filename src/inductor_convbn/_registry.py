@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -400,6 +401,27 @@ def fold_frozen(graph: torch.fx.Graph, frozen: list[torch.Tensor]) -> int:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     values: dict[torch.fx.Node, Any] = dict(zip(placeholders, frozen, strict=False))
     return _apply(graph, _Run(_judge_frozen(_ConstantValues(values)), _pairs.FOLDED_ONCE))
+
+
+class FreezingWarning(UserWarning):
+    """Inductor freezing is on, but dynamo traced without it: nothing is frozen."""
+
+
+NOTHING_FROZEN = (
+    "inductor_convbn: Inductor freezing is on but no parameter was frozen, so the folded "
+    "weights are recomputed on every call (or kept by policy). Freezing must be on while "
+    "dynamo traces: torch.compile(options={'freezing': True}) turns it on for Inductor "
+    "alone. Set torch._inductor.config.freezing = True, or make the first call inside "
+    "torch._inductor.config.patch(freezing=True), under torch.no_grad()."
+)
+
+
+def warn_nothing_frozen(graph: torch.fx.Graph) -> None:
+    """Warn when an inference graph with layers to fold reaches the freezing stage with
+    freezing requested and no frozen parameter (once per process: the warning's location
+    is always this line)."""
+    if _layers_in(graph) and not _compat.is_backward_graph(graph):
+        warnings.warn(NOTHING_FROZEN, FreezingWarning, stacklevel=2)
 
 
 class _ConstantValues:
