@@ -14,7 +14,7 @@ import inspect
 import operator
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -386,6 +386,7 @@ def start_of_leading_views(node: torch.fx.Node) -> torch.fx.Node | None:
     values = [n.meta.get("example_value", n.meta.get("val")) for n in (node, *chain)]
     if not all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in values):
         return None
+    values = cast(list[torch.Tensor], values)
     features = values[0].shape[-1]
     if values[-1].dim() != 2 or any(v.shape[-1] != features for v in values):
         return None
