@@ -14,7 +14,7 @@ import inspect
 import operator
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -383,10 +383,10 @@ def start_of_leading_views(node: torch.fx.Node) -> torch.fx.Node | None:
         node = source
     if not chain:
         return None
-    values = [n.meta.get("example_value", n.meta.get("val")) for n in (node, *chain)]
-    if not all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in values):
+    found = [n.meta.get("example_value", n.meta.get("val")) for n in (node, *chain)]
+    values = [v for v in found if isinstance(v, torch.Tensor) and v.dim() >= 2]
+    if len(values) != len(found):
         return None
-    values = cast(list[torch.Tensor], values)
     features = values[0].shape[-1]
     if values[-1].dim() != 2 or any(v.shape[-1] != features for v in values):
         return None
