@@ -52,7 +52,11 @@ def _cases():
     for dtype in (torch.float32, torch.bfloat16):
         for batch in (1, 2):
             x = torch.randn(batch, 64)
-            for mode in ({"freezing": True}, {"policy": "always"}, {"grad": True}):
+            for mode in (
+                {"freezing": True},
+                {"policy": "always", "freezing": False},
+                {"grad": True},
+            ):
                 yield f"linear-bn1d batch {batch}", _linear, x, dtype, mode, 1
         x = torch.randn(4, 3, 16, 16)
         for mode in ({"freezing": True}, {"grad": True}):

@@ -71,7 +71,7 @@ def test_a_failed_compile_propagates_and_leaves_the_config_as_it_was():
     failing = FailingPass()
     _compat.inductor_config.post_grad_custom_post_pass = failing
     with pytest.raises(Exception, match="this graph cannot be compiled"):
-        inductor_convbn.verify(_model(), _x())
+        inductor_convbn.verify(_model(), _x(), freezing=False)
     assert _hooked() == [None, failing]
     with pytest.raises(Exception, match="this graph cannot be compiled"):
         with inductor_convbn.installed("always"), torch.no_grad():
@@ -86,7 +86,7 @@ class RaisesInForward(nn.Module):
 
 def test_a_model_that_raises_propagates_its_own_error():
     with pytest.raises(ValueError, match="bad input for this model"):
-        inductor_convbn.verify(RaisesInForward(), _x())
+        inductor_convbn.verify(RaisesInForward(), _x(), freezing=False)
     assert _hooked() == [None, None]
 
 
@@ -140,5 +140,7 @@ def test_verify_from_several_threads_counts_each_its_own_folds():
     one = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     two = nn.Sequential(*one, nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
     models = [randomize_batch_norm(m) for m in (one, two)]
-    reports = _in_threads(lambda m: inductor_convbn.verify(m, _x(), policy="always"), models)
+    reports = _in_threads(
+        lambda m: inductor_convbn.verify(m, _x(), policy="always", freezing=False), models
+    )
     assert [(r.pairs, r.folded, r.outputs_match) for r in reports] == [(1, 1, True), (2, 2, True)]

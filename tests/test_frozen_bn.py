@@ -64,7 +64,9 @@ def _skip_without_shapes(report):
 
 @pytest.mark.parametrize("norm", ["torchvision", "detectron2"])
 @pytest.mark.parametrize(
-    "mode", [{"grad": True}, {"freezing": True}, {"policy": "always"}], ids=str
+    "mode",
+    [{"grad": True}, {"freezing": True}, {"policy": "always", "freezing": False}],
+    ids=str,
 )
 def test_frozen_bn_is_folded_in_every_stage(norm, mode):
     report = verify(_model(norm), _X, **mode)
@@ -79,7 +81,7 @@ def test_frozen_bn_after_a_transposed_conv_with_grad():
 
 
 def test_frozen_bn_without_freezing_is_kept_by_the_auto_policy_with_the_reason():
-    report = verify(_model(), _X)
+    report = verify(_model(), _X, freezing=False)
     assert report.pairs == 2 and report.folded == 0, report
     assert {p.reason for p in report.pair_reports} == {_pairs.KEPT_AFFINE_PER_CALL}
 
@@ -125,7 +127,7 @@ def test_a_per_sample_scale_is_no_frozen_bn():
             scale = x.mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1)  # one scale per sample
             return self.conv(x) * scale + 1.0
 
-    report = verify(PerSample().eval(), _X, policy="always")
+    report = verify(PerSample().eval(), _X, policy="always", freezing=False)
     assert report.pairs == report.folded == 0 and report.outputs_match, report
 
 

@@ -142,7 +142,7 @@ def test_frozen_affine_still_folds_when_the_input_needs_grad():
 
 def test_nothing_needs_grad_leaves_it_to_the_post_grad_stage():
     model = _model("conv2d").requires_grad_(False)
-    report = verify(model, _input("conv2d"), policy="always")
+    report = verify(model, _input("conv2d"), policy="always", freezing=False)
     assert report.folded == 2
     assert {p.reason for p in report.pair_reports} == {_pairs.FOLDED_PER_CALL}
     # grad mode on, but no tensor needs a gradient: an inference graph

@@ -82,7 +82,9 @@ def test_denormal_weights_fold_and_match_eager():
     with torch.no_grad():
         model[0].weight.mul_(1e-38)  # mostly denormal float32
         model[1].running_var.fill_(1e-30)  # a BN scale of 1e15 brings the output back up
-    report = inductor_convbn.verify(model, _x(), policy="always", atol=1e-4 * 1e15 * 1e-38)
+    report = inductor_convbn.verify(
+        model, _x(), policy="always", atol=1e-4 * 1e15 * 1e-38, freezing=False
+    )
     assert report.outputs_match and report.folded == report.pairs == 1, report
 
 
@@ -96,7 +98,7 @@ def test_float16_is_not_folded_per_call_where_the_fold_would_overflow(policy):
         transposed=True,
     )  # fmt: skip
     assert not torch.isfinite(weight).all()  # what a fold would have run with
-    report = inductor_convbn.verify(model, x, policy=policy)
+    report = inductor_convbn.verify(model, x, policy=policy, freezing=False)
     assert report.outputs_match and torch.isfinite(model(x)).all(), report
     assert report.pairs == 1 and report.folded == 0, report
     assert report.skipped == [("0", _pairs.FLOAT16_PER_CALL)]

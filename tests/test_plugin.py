@@ -53,7 +53,9 @@ def _input(rank, batch=2, size=9, **kw):
 
 
 def fold_and_verify(model, *inputs, **kwargs):
-    return inductor_convbn.verify(model, *inputs, policy="always", **kwargs)
+    return inductor_convbn.verify(
+        model, *inputs, **{"policy": "always", "freezing": False, **kwargs}
+    )
 
 
 def assert_folds(report, pairs, folded=None):
@@ -283,7 +285,7 @@ def test_nothing_folded_without_install():
 def test_verify_leaves_model_and_config_untouched():
     model = conv_bn(2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    inductor_convbn.verify(model, _input(2))
+    inductor_convbn.verify(model, _input(2), freezing=False)
     assert not inductor_convbn.is_installed()
     assert _compat.inductor_config.post_grad_custom_post_pass is None
     assert _compat.inductor_config.joint_custom_post_pass is None
@@ -396,7 +398,7 @@ def test_a_pair_is_folded_before_inductors_post_grad_passes_rewrite_it(batch):
     torch.manual_seed(0)
     model = randomize_batch_norm(nn.Sequential(nn.Linear(64, 10), nn.BatchNorm1d(10))).eval()
     _compat.inductor_config.post_grad_custom_post_pass = _UnfuseAddmm()
-    report = inductor_convbn.verify(model, torch.randn(batch, 64), policy="always")
+    report = inductor_convbn.verify(model, torch.randn(batch, 64), policy="always", freezing=False)
     assert report.folded == report.pairs == 1 and report.outputs_match, report
 
 
@@ -410,5 +412,5 @@ def test_linear_then_batchnorm1d_folds_per_call_on_cuda(batch):
     model = model.cuda().eval()
     x = torch.randn(batch, 64).cuda()
     with _compat.inductor_config.patch(shape_padding=False):
-        report = inductor_convbn.verify(model, x, policy="always")
+        report = inductor_convbn.verify(model, x, policy="always", freezing=False)
     assert report.folded == report.pairs == 1 and report.outputs_match, report

@@ -20,7 +20,7 @@ def _x(*shape, device="cpu"):
 
 def test_auto_keeps_a_batch_norm_that_runs_inside_the_next_pointwise_kernel():
     model = _model(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
-    report = inductor_convbn.verify(model, _x(2, 4, 16, 16))
+    report = inductor_convbn.verify(model, _x(2, 4, 16, 16), freezing=False)
     assert report.outputs_match and report.pairs == 1 and report.folded == 0, report
     assert report.kept == ["0"] and not report.missed
     assert report.pair_reports[0].reason == _pairs.KEPT_FUSED.format(user="relu")
@@ -30,13 +30,13 @@ def test_auto_keeps_a_batch_norm_that_runs_inside_the_next_pointwise_kernel():
 def test_auto_folds_a_standalone_batch_norm_over_an_output_larger_than_the_weight():
     # On CPU the folded bias goes into the conv kernel: the BN's own pass is saved.
     model = _model(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6))
-    report = inductor_convbn.verify(model, _x(2, 4, 16, 16))
+    report = inductor_convbn.verify(model, _x(2, 4, 16, 16), freezing=False)
     assert report.outputs_match and report.folded == report.pairs == 1, report
 
 
 def test_auto_keeps_a_pair_whose_weight_outweighs_its_output():
     model = _model(nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64))
-    report = inductor_convbn.verify(model, _x(1, 64, 3, 3))
+    report = inductor_convbn.verify(model, _x(1, 64, 3, 3), freezing=False)
     assert report.outputs_match and report.folded == 0 and report.kept == ["0"], report
     assert report.pair_reports[0].reason == _pairs.KEPT_LARGE_WEIGHT.format(
         weight=64 * 64 * 9, output=64
@@ -48,7 +48,7 @@ def test_auto_keeps_every_pair_on_cuda_without_freezing():
     # Inductor applies a conv bias on CUDA in a pointwise kernel of its own, as it would
     # the BN, so a per-call fold never saves a pass there.
     model = _model(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)).cuda()
-    report = inductor_convbn.verify(model, _x(2, 4, 16, 16, device="cuda"))
+    report = inductor_convbn.verify(model, _x(2, 4, 16, 16, device="cuda"), freezing=False)
     assert report.outputs_match and report.folded == 0 and report.kept == ["0"], report
     assert report.pair_reports[0].reason == _pairs.KEPT_BIAS_PEELED.format(device="CUDA")
 

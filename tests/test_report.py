@@ -1,13 +1,17 @@
 """How the verifier gives each pair its status, and how the report reads."""
 
+import dataclasses
+
 import torch
 from torch import nn
 
 import inductor_convbn
+from inductor_convbn import _compat, _decide, _registry
 from inductor_convbn._decide import Decision
+from inductor_convbn._fold import fold_conv_bn_weights
 from inductor_convbn._pairs import NOT_MATCHED
 from inductor_convbn._pairs import module_name as _module_name
-from inductor_convbn._report import FoldReport, _attribute
+from inductor_convbn._report import PLAIN_COMPILE_MARGIN, FoldReport, _attribute
 
 PAIRS = [
     ("conv1", "bn1", "conv2d", ""),
@@ -69,3 +73,145 @@ def test_a_graph_dynamo_discards_is_not_counted():
     report = inductor_convbn.verify(model, torch.randn(2, 3, 8, 8), dynamic=True, policy="always")
     assert len(report.pair_reports) == report.pairs == report.folded == 1, report
     assert report.outputs_match and not report.missed, report
+
+
+def _large_output_model(depth: int = 8) -> nn.Module:
+    """Conv -> BN -> ReLU blocks whose BNs each scale by about 3: outputs of order 1e4, where
+    float32 rounding alone puts plain torch.compile outside verify()'s default tolerances."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1)]
+    for _ in range(depth):
+        conv = nn.Conv2d(16, 16, 3, padding=1)
+        conv.weight.data *= 3
+        layers += [conv, nn.BatchNorm2d(16), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Conv2d(16, 4, 1))
+    inductor_convbn.testing.randomize_batch_norm(model)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.mul_(0.1)
+    return model.eval()
+
+
+def test_a_correct_fold_on_a_large_output_is_judged_against_plain_compile():
+    model, x = _large_output_model(), torch.randn(2, 3, 16, 16)
+    report = inductor_convbn.verify(model, x)
+    assert report.folded == report.pairs == 8, report
+    # Plain torch.compile is itself outside the tolerances: the plugin is judged by it.
+    assert report.plain_compile_error is not None and report.plain_compile_error > report.atol
+    assert not report.within_tolerance and report.outputs_match, report
+    assert report.max_abs_error <= PLAIN_COMPILE_MARGIN * report.plain_compile_error
+    assert "as plain torch.compile is" in str(report).splitlines()[0]
+
+
+def test_a_wrong_fold_is_flagged_whatever_plain_compile_gets(monkeypatch):
+    def off_by_a_percent(*args, **kwargs):
+        weight, bias = fold_conv_bn_weights(*args, **kwargs)
+        return weight, bias * 1.01 + 0.01
+
+    monkeypatch.setattr(_registry, "fold_conv_bn_weights", off_by_a_percent)
+    for model, x in [
+        (_large_output_model(), torch.randn(2, 3, 16, 16)),
+        (nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval(), torch.randn(2, 3, 8, 8)),
+    ]:
+        torch._dynamo.reset()
+        report = inductor_convbn.verify(model, x, plain=True)
+        assert report.folded == report.pairs >= 1, report
+        assert report.plain_compile_error is not None and not report.outputs_match, report
+        assert "OUTSIDE" in str(report).splitlines()[0]
+
+
+def test_plain_compile_is_compiled_only_when_needed_unless_asked():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert inductor_convbn.verify(model, x).plain_compile_error is None
+    assert inductor_convbn.verify(model, x, plain=False).plain_compile_error is None
+    torch._dynamo.reset()
+    plain = inductor_convbn.verify(model, x, plain=True).plain_compile_error
+    assert plain is not None and plain < 1e-4
+
+
+def test_plain_compile_runs_without_the_plugin_installed_globally():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with inductor_convbn.installed():
+        before = _compat.counters["inductor"][_decide.COUNTER_FOLDED]
+        report = inductor_convbn.verify(model, x, plain=True)
+        after = _compat.counters["inductor"][_decide.COUNTER_FOLDED]
+        assert inductor_convbn.is_installed()
+    # The plugin's variant folds its one pair; the plain variant folds none.
+    assert report.folded == 1 and after - before == 1, report
+
+
+def test_verify_compiles_with_freezing_by_default_like_the_command_line():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    report = inductor_convbn.verify(model, x)
+    assert report.freezing and report.folded == 1, report
+    assert not inductor_convbn.verify(model, x, grad=True).freezing
+
+
+def test_kept_pairs_say_how_to_fold_them_in_the_first_line():
+    decisions = [Decision("conv1", False, "too costly")]
+    reports = _attribute(PAIRS[:1], decisions, folded=0, kept=1)
+    report = FoldReport(reports, folded=0, max_abs_error=0.0, outputs_match=True, rtol=0, atol=0)
+    first = str(report).splitlines()[0]
+    assert "1 kept by policy=auto" in first and "freezing" in first and "always" in first
+    assert "kept" not in str(dataclasses.replace(report, pair_reports=[])).splitlines()[0]
+
+
+def test_every_recorded_fold_gets_a_row_and_folded_never_exceeds_pairs():
+    decisions = [Decision("conv1", True, "once"), Decision("elsewhere.linear", True, "once")]
+    reports = _attribute(PAIRS[:1], decisions, folded=3, kept=0)
+    report = FoldReport(reports, folded=3, max_abs_error=0.0, outputs_match=True, rtol=0, atol=0)
+    assert [(r.conv, r.status) for r in reports] == [
+        ("conv1", "folded"),
+        ("elsewhere.linear", "folded"),
+        ("?", "folded"),  # a third fold, replayed from the cache without a record
+    ]
+    assert report.folded <= report.pairs == 3
+
+
+class _LinearNorm(nn.Module):
+    """timm's LeViT block: the BN normalises the linear output with its leading dims merged."""
+
+    def __init__(self, features: int = 8, *, by_view: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, features, bias=False)
+        self.bn = nn.BatchNorm1d(features)
+        self.by_view = by_view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        if self.by_view:
+            b, n, c = y.shape
+            return self.bn(y.reshape(b * n, c)).view(b, n, c)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+class _FeaturesMerged(nn.Module):
+    """A BN over (tokens x features): the views move the features, no pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 4)
+        self.bn = nn.BatchNorm1d(5 * 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.linear(x).flatten(1, 2))
+
+
+def test_linear_then_leading_dims_merged_then_batch_norm_1d_is_a_pair():
+    model = nn.Sequential(_LinearNorm(), _LinearNorm(6, by_view=True))
+    model = inductor_convbn.testing.randomize_batch_norm(model).eval()
+    x = torch.randn(2, 5, 6)
+    for kwargs in ({}, {"freezing": False, "policy": "always"}, {"grad": True}):
+        torch._dynamo.reset()
+        report = inductor_convbn.verify(model, x, **kwargs)
+        assert report.pairs == report.folded == 2 and report.outputs_match, (kwargs, report)
+        assert [r.conv for r in report.pair_reports] == ["0.linear", "1.linear"], report
+
+
+def test_views_that_move_the_features_make_no_pair():
+    model = inductor_convbn.testing.randomize_batch_norm(_FeaturesMerged()).eval()
+    report = inductor_convbn.verify(model, torch.randn(3, 5, 6))
+    assert report.pairs == report.folded == 0 and report.outputs_match, report

@@ -17,7 +17,9 @@ pytest.importorskip("torchvision")
 _SECOND_PROCESS = r"""
 import json, torch, inductor_convbn
 from inductor_convbn.testing import torchvision_model
-report = inductor_convbn.verify(torchvision_model("resnet18"), torch.randn(1, 3, 64, 64))
+report = inductor_convbn.verify(
+    torchvision_model("resnet18"), torch.randn(1, 3, 64, 64), freezing=False
+)
 print(json.dumps({
     "pairs": report.pairs, "folded": report.folded, "kept": len(report.kept),
     "hits": report.fx_graph_cache_hits, "match": report.outputs_match, "missed": report.missed,
@@ -41,7 +43,9 @@ def test_resnet18_folds_all_twenty_pairs(policy, freezing):
 
 def test_resnet18_without_freezing_keeps_each_pair_and_says_why():
     # Every BN of ResNet18 feeds a ReLU or a residual add, in whose kernel it runs.
-    report = inductor_convbn.verify(torchvision_model("resnet18"), torch.randn(2, 3, 64, 64))
+    report = inductor_convbn.verify(
+        torchvision_model("resnet18"), torch.randn(2, 3, 64, 64), freezing=False
+    )
     assert report.outputs_match and report.pairs == 20 and report.folded == 0, report
     assert len(report.kept) == 20 and not report.missed
     assert all("runs inside the next pointwise kernel" in p.reason for p in report.pair_reports)

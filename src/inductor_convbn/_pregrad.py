@@ -75,18 +75,24 @@ def _bind_layer(layer: Any) -> tuple[_pairs.LayerKind, dict[str, Any]] | None:
 def _fold_batch_norm(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
     """Fold the pair ending at ``bn`` when it is one this stage folds; say whether it did."""
     norm = _pairs.bind_batch_norm(bn.target, bn.args, bn.kwargs)
-    layer = norm["input"]
+    layer = bn_input = norm["input"]
     bound = _bind_layer(layer)
+    if bound is None and isinstance(layer, torch.fx.Node):  # linear -> views -> BN1d?
+        layer = _pairs.start_of_leading_views(layer)
+        bound = _bind_layer(layer)
+        if bound is None or bound[0].name != "linear":
+            return False
     if bound is None:
         return False
     kind, conv = bound
     output = _example(layer)
+    bn_value = _example(bn_input)
     reason = _pairs.reason_not_to_fold(
         kind,
         has_running_stats=norm["running_mean"] is not None and norm["running_var"] is not None,
         training=norm["training"],
-        other_users=len(layer.users) > 1,
-        output_rank=output.dim() if isinstance(output, torch.Tensor) else None,
+        other_users=len(_pairs.value_users(layer)) > 1,
+        output_rank=bn_value.dim() if isinstance(bn_value, torch.Tensor) else None,
     )
     if reason or not isinstance(norm["eps"], (int, float)):
         return False  # the verifier reports it; the later stages do not fold it either
@@ -102,7 +108,10 @@ def _fold_batch_norm(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
         conv["weight"], conv.get("bias"), norm["running_mean"], norm["running_var"],
         float(norm["eps"]), norm["weight"], norm["bias"],
     )  # fmt: skip
-    _replace(graph, layer, kind, conv, (fold_conv_bn_weights, fold_args), [bn], grad=True)
+    fold = (fold_conv_bn_weights, fold_args)
+    if bn_input is not layer:
+        return _fold_in_place(graph, layer, kind, conv, fold, bn)
+    _replace(graph, layer, kind, conv, fold, [bn], grad=True)
     return True
 
 
@@ -140,6 +149,45 @@ def _fold_affine(graph: torch.fx.Graph, layer: torch.fx.Node, *, grad: bool, pol
     return True
 
 
+def _layer_call(
+    kind: _pairs.LayerKind, conv: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments that call a layer with ``conv``'s arguments."""
+    names = kind.params
+    given = [n for n in names if n in conv]
+    positional = names[: next((i for i, n in enumerate(names) if n not in conv), None)]
+    return tuple(conv[n] for n in positional), {n: conv[n] for n in given if n not in positional}
+
+
+def _fold_in_place(
+    graph: torch.fx.Graph,
+    layer: torch.fx.Node,
+    kind: _pairs.LayerKind,
+    conv: dict[str, Any],
+    fold: tuple[Callable[..., Any], tuple[Any, ...]],
+    bn: torch.fx.Node,
+) -> bool:
+    """Fold a BN that reads ``layer`` through views: the layer itself takes the folded
+    weight and bias (its shape-only users stay as they are), and the BN's users read the
+    views. The fold is computed before the layer, so its inputs must come before it."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    fold_fn, fold_args = fold
+    inputs = [a for a in fold_args if isinstance(a, torch.fx.Node)]
+    if any(order[a] > order[layer] for a in inputs):
+        return False  # a BN tensor computed after the layer: not folded, the verifier says
+    with graph.inserting_before(layer):
+        folded = graph.call_function(
+            fold_fn, fold_args, {"transposed": kind.transposed, "groups": conv.get("groups", 1)}
+        )
+        weight = graph.call_function(operator.getitem, (folded, 0))
+        bias = graph.call_function(operator.getitem, (folded, 1))
+    layer.args, layer.kwargs = _layer_call(kind, {**conv, "weight": weight, "bias": bias})
+    bn.replace_all_uses_with(_pairs.bind_batch_norm(bn.target, bn.args, bn.kwargs)["input"])
+    graph.erase_node(bn)
+    _decide.mark(layer, _decide.Decision(_pairs.describe_node(layer), True, _pairs.FOLDED_FOR_GRAD))
+    return True
+
+
 def _replace(
     graph: torch.fx.Graph,
     layer: torch.fx.Node,
@@ -168,13 +216,8 @@ def _replace(
         # the conv, it gets its gradient from Inductor's own reduction, as eager's BN does.
         late_bias = bias if grad and kind.transposed else None
         conv = {**conv, "weight": weight, "bias": None if late_bias is not None else bias}
-        names = kind.params
-        given = [n for n in names if n in conv]
-        positional = names[: next((i for i, n in enumerate(names) if n not in conv), None)]
         new_layer = graph.call_function(
-            cast(Callable[..., Any], layer.target),
-            tuple(conv[n] for n in positional),
-            {n: conv[n] for n in given if n not in positional},
+            cast(Callable[..., Any], layer.target), *_layer_call(kind, conv)
         )
         new_layer.meta = dict(layer.meta)
         result = new_layer
