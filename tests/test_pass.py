@@ -245,3 +245,26 @@ def test_losing_the_early_checks_raises(monkeypatch):
             _registry._register(template, torch.float32, torch.float32, "cpu")
     finally:
         _registry._register.cache_clear()  # the real PATTERNS kept its entries
+
+
+def _conv_bn_pair() -> nn.Module:
+    return randomize_batch_norm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))).eval()
+
+
+def test_freezing_for_inductor_alone_warns_that_nothing_was_frozen():
+    """``torch.compile(options={"freezing": True})`` turns freezing on after dynamo traced:
+    no parameter is frozen, and the warning names the fix."""
+    model, x = _conv_bn_pair(), torch.randn(2, 3, 8, 8)
+    with inductor_convbn.installed(), torch.no_grad():
+        with pytest.warns(inductor_convbn.FreezingWarning, match="must be on while dynamo"):
+            torch.compile(model, options={"freezing": True})(x)
+
+
+def test_freezing_done_right_does_not_warn():
+    model, x = _conv_bn_pair(), torch.randn(2, 3, 8, 8)
+    with inductor_convbn.installed(), torch.no_grad():
+        with _compat.inductor_config.patch(freezing=True):
+            # filterwarnings = error: a FreezingWarning here fails the test.
+            torch.compile(model)(x)
+        torch._dynamo.reset()
+        torch.compile(model, options={"freezing": False})(x)

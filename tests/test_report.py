@@ -174,9 +174,9 @@ def test_every_recorded_fold_gets_a_row_and_folded_never_exceeds_pairs():
 class _LinearNorm(nn.Module):
     """timm's LeViT block: the BN normalises the linear output with its leading dims merged."""
 
-    def __init__(self, features: int = 8, *, by_view: bool = False) -> None:
+    def __init__(self, features_in: int, features: int, *, by_view: bool = False) -> None:
         super().__init__()
-        self.linear = nn.Linear(6, features, bias=False)
+        self.linear = nn.Linear(features_in, features, bias=by_view)
         self.bn = nn.BatchNorm1d(features)
         self.by_view = by_view
 
@@ -201,7 +201,7 @@ class _FeaturesMerged(nn.Module):
 
 
 def test_linear_then_leading_dims_merged_then_batch_norm_1d_is_a_pair():
-    model = nn.Sequential(_LinearNorm(), _LinearNorm(6, by_view=True))
+    model = nn.Sequential(_LinearNorm(6, 8), _LinearNorm(8, 6, by_view=True))
     model = inductor_convbn.testing.randomize_batch_norm(model).eval()
     x = torch.randn(2, 5, 6)
     for kwargs in ({}, {"freezing": False, "policy": "always"}, {"grad": True}):
