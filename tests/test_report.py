@@ -12,6 +12,7 @@ from inductor_convbn._fold import fold_conv_bn_weights
 from inductor_convbn._pairs import NOT_MATCHED
 from inductor_convbn._pairs import module_name as _module_name
 from inductor_convbn._report import PLAIN_COMPILE_MARGIN, FoldReport, _attribute
+from inductor_convbn.testing import randomize_batch_norm
 
 PAIRS = [
     ("conv1", "bn1", "conv2d", ""),
@@ -85,7 +86,7 @@ def _large_output_model(depth: int = 8) -> nn.Module:
         conv.weight.data *= 3
         layers += [conv, nn.BatchNorm2d(16), nn.ReLU()]
     model = nn.Sequential(*layers, nn.Conv2d(16, 4, 1))
-    inductor_convbn.testing.randomize_batch_norm(model)
+    randomize_batch_norm(model)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_var.mul_(0.1)
@@ -202,7 +203,7 @@ class _FeaturesMerged(nn.Module):
 
 def test_linear_then_leading_dims_merged_then_batch_norm_1d_is_a_pair():
     model = nn.Sequential(_LinearNorm(6, 8), _LinearNorm(8, 6, by_view=True))
-    model = inductor_convbn.testing.randomize_batch_norm(model).eval()
+    model = randomize_batch_norm(model).eval()
     x = torch.randn(2, 5, 6)
     for kwargs in ({}, {"freezing": False, "policy": "always"}, {"grad": True}):
         torch._dynamo.reset()
@@ -212,6 +213,6 @@ def test_linear_then_leading_dims_merged_then_batch_norm_1d_is_a_pair():
 
 
 def test_views_that_move_the_features_make_no_pair():
-    model = inductor_convbn.testing.randomize_batch_norm(_FeaturesMerged()).eval()
+    model = randomize_batch_norm(_FeaturesMerged()).eval()
     report = inductor_convbn.verify(model, torch.randn(3, 5, 6))
     assert report.pairs == report.folded == 0 and report.outputs_match, report

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ._fold import fold_conv_bn_weights
     from ._modules import FuseError
     from ._pass import ConvBnFoldPass, install, installed, is_installed, uninstall
+    from ._registry import FreezingWarning
     from ._report import FoldReport, PairReport, verify
     from .training import (
         FusedConvBatchNorm1d,
@@ -35,6 +36,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 _LAZY = {
     "ConvBnFoldPass": "._pass",
     "FoldReport": "._report",
+    "FreezingWarning": "._registry",
     "FuseError": "._modules",
     "FusedConvBatchNorm1d": ".training",
     "FusedConvBatchNorm2d": ".training",
@@ -69,6 +71,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "ConvBnFoldPass",
     "FoldReport",
+    "FreezingWarning",
     "FuseError",
     "FusedConvBatchNorm1d",
     "FusedConvBatchNorm2d",
