@@ -546,3 +546,29 @@ def test_a_parametrized_conv_weight_is_folded_through_its_parametrization(parame
     assert not parametrize.is_parametrized(fused.get_submodule("0"))
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x))
+
+
+class CheckedBatchNorm(nn.BatchNorm2d):
+    """A BN subclass reading its input's metadata, then normalising and activating, as
+    timm's BatchNormAct2d does: the metadata read is no other user of the conv output."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected 4-D input")
+        torch._assert(x.size(1) == self.num_features, "expected num_features channels")
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+        return self.act(x)
+
+
+def test_metadata_reads_of_the_conv_output_are_no_other_users():
+    torch.manual_seed(0)
+    model = randomize_batch_norm(nn.Sequential(nn.Conv2d(4, 6, 3), CheckedBatchNorm(6))).eval()
+    fused = fx.fuse(model)
+    report = fx.fuse_report(fused)
+    assert report.folded == report.pairs == 1, report
+    assert_matches_eager(fused, model, _input(2))

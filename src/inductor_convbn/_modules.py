@@ -142,7 +142,7 @@ class ModulePair:
                 self.kind,
                 has_running_stats=self.running_mean is not None and self.running_var is not None,
                 training=self.training,
-                other_users=len(self.layer.users) > 1,
+                other_users=len(_pairs.data_users(self.layer)) > 1,
             )
             or self.module_reason()
         )
@@ -152,7 +152,7 @@ class ModulePair:
 
         ``moves_bn``: the BN module itself is replaced, not only its call here.
         """
-        if len(self.layer.users) > 1:
+        if len(_pairs.data_users(self.layer)) > 1:
             return _pairs.OTHER_USERS
         if self.layer_calls > 1:
             return _pairs.CONV_REUSED

@@ -163,6 +163,44 @@ def bind_batch_norm(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) ->
     return dict(bound.arguments)
 
 
+# --- Reading a tensor's metadata ----------------------------------------------------------
+
+# Tensor methods and attributes that read metadata only: a fold changes none of it, so a
+# layer output they read has no other user (timm's BatchNormAct2d asserts ``x.ndim``).
+METADATA_METHODS = frozenset(
+    {
+        "dim", "size", "numel", "stride", "is_contiguous", "ndimension", "nelement",
+        "element_size", "get_device", "is_floating_point", "is_complex", "storage_offset",
+        "has_names", "is_signed", "is_inference", "__len__",
+    }
+)  # fmt: skip
+METADATA_ATTRIBUTES = frozenset(
+    {
+        "shape", "ndim", "dtype", "device", "layout", "requires_grad", "is_cuda", "is_cpu",
+        "is_sparse", "is_quantized", "is_meta", "is_mkldnn", "is_nested", "names", "is_leaf",
+        "grad_fn", "output_nr", "_version", "itemsize", "nbytes", "is_xpu", "is_mps",
+    }
+)  # fmt: skip
+
+
+def data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The users of ``node`` that read its values, not only its metadata (``x.ndim``,
+    ``x.size()``), in a ``torch.fx`` trace."""
+    return [
+        user
+        for user in node.users
+        if not (
+            (user.op == "call_method" and user.target in METADATA_METHODS)
+            or (
+                user.op == "call_function"
+                and user.target is getattr
+                and len(user.args) == 2
+                and user.args[1] in METADATA_ATTRIBUTES
+            )
+        )
+    ]
+
+
 # --- Per-channel affine maps (frozen BatchNorm) -------------------------------------------
 
 _MULS = (operator.mul, torch.mul)
@@ -257,11 +295,38 @@ STATS_NOT_ATTRIBUTES = "batch_norm statistics or affine are not attributes of th
 EPS_NOT_CONSTANT = "batch_norm eps is not a constant"
 CHANNELS_DIFFER = "BN has {features} features, the {kind} has {channels}"
 LINEAR_ASSUMED_2D = "linear output assumed 2-D; pass example inputs to fuse() to check"
+# Found in a recorded run (fx.fold_modules, memory_efficient with example inputs).
+NOT_OWN_CONV = "the layer's forward does not return its own convolution of its own weight and bias"
+PARAMETRIZED = "the layer's weight is parametrized (computed in forward)"
+BN_IN_FORWARD = (
+    "batch_norm is called in a forward that does more than normalise its input; "
+    "fx.fuse can fold it when torch.fx traces the model"
+)
+BN_NOT_OWN_TENSORS = "the BN module's batch_norm does not read its own statistics and affine"
+AFTER_NOT_CHILDREN = (
+    "the BN module computes more than batch_norm followed by calls of its own child modules"
+)
+MODULE_ALIASED = "the BN module is registered under more than one name"
+IS_ROOT = "the BN is the model itself"
+CHANGED_OUTPUTS = "the changed model did not compute what the model did on the example inputs"
 # Why the training layer leaves a pair as it is.
 NOT_A_CONV = "the layer is not an nn.Conv1d/2d/3d: there is no fused training layer for it"
+CONV_SUBCLASS = (
+    "the layer is a subclass of nn.Conv1d/2d/3d with a forward of its own (timm's "
+    "Conv2dSame pads in forward): the fused training layer would not compute it"
+)
 BN_TYPE = "the BN is neither the nn.BatchNorm of the conv's rank nor an nn.SyncBatchNorm"
-FUNCTIONAL_BN = "a functional batch_norm: only BatchNorm modules are swapped"
+FUNCTIONAL_BN = (
+    "a functional batch_norm: only BatchNorm modules are swapped (memory_efficient(model, x) "
+    "also swaps a BatchNorm subclass, found by running the model)"
+)
 TENSORS_READ = "the model reads the conv's or the BN's tensors elsewhere in forward"
+FROZEN_NOT_SWAPPED = (
+    "a frozen BN (a per-channel affine map): there is no fused training layer for it"
+)
+BN_NOT_BATCH_NORM = (
+    "the BN module's batch_norm call is not nn.BatchNorm's (eps, training, statistics)"
+)
 # A layer followed by ``* scale + shift`` that is no per-channel affine map (not reported).
 AFFINE_NOT_PER_CHANNEL = "the scale or shift is not one value per output channel"
 

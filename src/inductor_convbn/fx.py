@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import _compat, _pairs
+from . import _compat, _dataflow, _pairs
 from ._fold import fold_conv_affine_weights, fold_conv_bn_weights
 from ._modules import (
     AffinePair,
@@ -34,7 +34,7 @@ from ._modules import (
     trace,
 )
 
-__all__ = ["FuseError", "FuseReport", "fuse", "fuse_report"]
+__all__ = ["FuseError", "FuseReport", "fold_modules", "fuse", "fuse_report"]
 
 _REPORT_KEY = "inductor_convbn.fuse_report"
 
@@ -81,7 +81,10 @@ def fuse(model: nn.Module, *example_inputs: Any) -> torch.fx.GraphModule:
     gm = trace(
         copy.deepcopy(model),
         caller="fuse()",
-        alternative="fold without tracing through torch.compile with inductor_convbn.install()",
+        alternative=(
+            "fold without tracing: fx.fold_modules(model, *example_inputs), or "
+            "torch.compile with inductor_convbn.install()"
+        ),
     )
     pairs = find_module_pairs(gm)
     for pair in pairs:
@@ -116,12 +119,96 @@ def fuse(model: nn.Module, *example_inputs: Any) -> torch.fx.GraphModule:
     return gm
 
 
-def fuse_report(fused: torch.fx.GraphModule) -> FuseReport:
-    """The report of the ``fuse()`` call that made ``fused`` (kept by ``copy.deepcopy``)."""
+def fuse_report(fused: nn.Module) -> FuseReport:
+    """The report of the ``fuse()`` or ``fold_modules()`` call that made ``fused`` (kept by
+    ``copy.deepcopy``)."""
     report = getattr(fused, "meta", {}).get(_REPORT_KEY)
+    if report is None:
+        report = getattr(fused, "__dict__", {}).get(_REPORT_KEY)
     if not isinstance(report, FuseReport):
-        raise ValueError("this module was not made by inductor_convbn.fx.fuse()")
+        raise ValueError(
+            "this module was not made by inductor_convbn.fx.fuse() or fx.fold_modules()"
+        )
     return report
+
+
+def fold_modules(model: nn.Module, *example_inputs: Any, inplace: bool = False) -> nn.Module:
+    """Fold each eval BatchNorm into the conv before it, module by module, without tracing.
+
+    For models ``torch.fx`` cannot trace whole (Python control flow in forward: ultralytics'
+    YOLO, timm's ``Conv2dSame``), or to keep the model's own class: the model runs once on
+    ``example_inputs`` and the dataflow of that run gives the pairs (no lasting change to
+    its state). Each folded conv (or linear) gets the folded weight and bias in place, and
+    the BN module's place goes to an ``nn.Identity``, or, for a BN module that calls child
+    modules after its normalisation (timm's ``BatchNormAct2d``: drop, activation), to an
+    ``AfterNorm`` calling those children. A frozen BN (``x * scale + shift`` per channel,
+    torchvision's ``FrozenBatchNorm2d``) is folded too.
+
+    Left alone, with the reason in the report (``fuse_report(result)``): what ``fuse()``
+    leaves alone, and a layer whose forward does more than convolve with its own weight
+    and bias at the end, a BN module doing more than normalise and call its children, a
+    ``batch_norm`` inside a larger forward. Before returning, the folded model runs on the
+    example inputs; a fold that changes the outputs is undone and reported.
+
+    Returns the model (a deep copy unless ``inplace``), of its own class, for eager runs
+    and ``torch.export``. Raises ``FuseError`` when the model does not run on the inputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_modules() takes an nn.Module, got {type(model).__name__}")
+    if not example_inputs:
+        raise TypeError("fold_modules() needs example inputs to run the model on")
+    target = model if inplace else copy.deepcopy(model)
+    run = _dataflow.record_pairs(target, example_inputs, caller="fold_modules()")
+    reasons = {id(pair): pair.fold_reason() for pair in run.pairs}
+    eligible = [p for p in run.pairs if not reasons[id(p)]]
+    for pair in _dataflow.apply_checked(target, run, eligible, lambda p: _fold_in_place(target, p)):
+        reasons[id(pair)] = _pairs.CHANGED_OUTPUTS
+    report = FuseReport(
+        [
+            p.report(_pairs.SKIPPED if reasons[id(p)] else _pairs.FOLDED, reasons[id(p)])
+            for p in run.pairs
+        ]
+    )
+    target.__dict__[_REPORT_KEY] = report
+    return target
+
+
+def _fold_in_place(model: nn.Module, pair: _dataflow.RunPair) -> _dataflow.Undo:
+    """Give the layer the folded weight and bias and the BN module's place its replacement;
+    returns what undoes it."""
+    layer = pair.layer_module
+    old_weight = cast(torch.Tensor, layer.weight)
+    old_bias = cast("torch.Tensor | None", layer.bias)
+    groups = getattr(layer, "groups", 1)
+    with torch.no_grad():
+        if pair.scale is not None:
+            weight, bias = fold_conv_affine_weights(
+                old_weight, old_bias, pair.scale, pair.shift,
+                transposed=pair.kind.transposed, groups=groups,
+            )  # fmt: skip
+        else:
+            assert pair.running_mean is not None and pair.running_var is not None
+            weight, bias = fold_conv_bn_weights(
+                old_weight, old_bias, pair.running_mean, pair.running_var, float(pair.eps),
+                pair.weight, pair.bias, transposed=pair.kind.transposed, groups=groups,
+            )  # fmt: skip
+        # empty_like keeps the weight's strides: channels_last stays channels_last.
+        weight = torch.empty_like(old_weight).copy_(weight)
+    grad = old_weight.requires_grad
+    layer.weight = nn.Parameter(weight, requires_grad=grad)
+    layer.bias = nn.Parameter(
+        bias, requires_grad=grad if old_bias is None else old_bias.requires_grad
+    )
+    bn = pair.bn_module
+    assert bn is not None
+    _dataflow.set_module(model, pair.bn_name, pair.replacement())
+
+    def undo() -> None:
+        layer.weight = old_weight
+        setattr(layer, "bias", old_bias)  # noqa: B010 (None, for a layer that had no bias)
+        _dataflow.set_module(model, pair.bn_name, bn)
+
+    return undo
 
 
 def _check_ranks(gm: torch.fx.GraphModule, pairs: list[ModulePair], example_inputs: Any) -> None:

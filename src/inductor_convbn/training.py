@@ -24,7 +24,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import _pairs
+from . import _dataflow, _pairs
 from ._fold import fold_conv_bn_weights
 from ._modules import ModulePair, find_module_pairs, trace
 
@@ -613,42 +613,84 @@ class _OriginalStateDictKeys:
                 state_dict[prefix + converted] = state_dict.pop(prefix + original)
 
 
-def memory_efficient(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def memory_efficient(model: nn.Module, *example_inputs: Any, inplace: bool = False) -> nn.Module:
     """Swap each conv -> BatchNorm pair of ``model`` for a ``FusedConvBatchNorm{1,2,3}d``.
 
-    Pairs are found by dataflow (a ``torch.fx`` trace of the model): a conv module whose
-    only user is a BatchNorm module of the same rank, each called once, with no hooks.
-    The fused layer takes the conv's place and an ``nn.Identity`` the BN's; both modules
-    live on inside it, so the parameters are the same tensors, and the model's
+    Pairs are found by dataflow: a conv module whose only user is a BatchNorm module of the
+    same rank, each called once, with no hooks. Without ``example_inputs`` the dataflow is a
+    ``torch.fx`` trace of the model; with them, the record of one run of the model on them
+    (no lasting change to its state), which needs no tracing (ultralytics' YOLO) and also
+    takes a BatchNorm subclass that calls child modules after its normalisation (timm's
+    ``BatchNormAct2d``: drop, activation): those children keep running after the fused
+    layer, in the BN's place. The converted model then runs on the example inputs once
+    more and must compute what the model did (outputs and running statistics); a swap
+    that does not is undone and reported.
+
+    The fused layer takes the conv's place and an ``nn.Identity`` the BN's; both modules'
+    tensors live on inside it, so the parameters are the same tensors, and the model's
     ``state_dict`` keeps its original keys. ``memory_efficient_report(model)`` lists every
     pair and why any was left as it was.
 
     Works on a deep copy unless ``inplace``; the model's class and forward are kept.
-    Raises ``inductor_convbn.fx.FuseError`` when ``torch.fx`` cannot trace the model.
+    Raises ``inductor_convbn.fx.FuseError`` when ``torch.fx`` cannot trace the model (no
+    example inputs) or the model does not run on the example inputs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"memory_efficient() takes an nn.Module, got {type(model).__name__}")
     target = model if inplace else _copy(model)
-    gm = trace(
-        target,
-        caller="memory_efficient()",
-        alternative="build the layers with FusedConvBatchNorm2d.from_modules(conv, bn)",
-    )
+    gm: torch.fx.GraphModule | None = None
+    if not example_inputs:
+        gm = trace(
+            target,
+            caller="memory_efficient()",
+            alternative=(
+                "pass example inputs, memory_efficient(model, x), to find the pairs by "
+                "running the model, or build the layers with "
+                "FusedConvBatchNorm2d.from_modules(conv, bn)"
+            ),
+        )
+    else:
+        run = _dataflow.record_pairs(target, example_inputs, caller="memory_efficient()")
     keys = target.__dict__.get("_inductor_convbn_keys")
     if keys is None:
         keys = _OriginalStateDictKeys()
         target.__dict__["_inductor_convbn_keys"] = keys
         target._register_state_dict_hook(keys.save)
         target._register_load_state_dict_pre_hook(keys.load)
+    reports = _swap_traced(target, gm, keys) if gm is not None else _swap_found(target, run, keys)
+    report = MemoryEfficientReport(reports)
+    target.__dict__[_REPORT_ATTRIBUTE] = report
+    return target
+
+
+def _swap_traced(
+    target: nn.Module, gm: torch.fx.GraphModule, keys: _OriginalStateDictKeys
+) -> list[_pairs.PairReport]:
+    """Swap the pairs of a ``torch.fx`` trace of ``target``."""
     reports = []
     for pair in find_module_pairs(gm):
         reason = _reason_not_to_swap(gm, pair)
         reports.append(pair.report(_pairs.SKIPPED if reason else _pairs.FUSED, reason))
         if not reason:
-            _swap(target, pair.conv, pair.bn_name, keys)
-    report = MemoryEfficientReport(reports)
-    target.__dict__[_REPORT_ATTRIBUTE] = report
-    return target
+            conv, bn = target.get_submodule(pair.conv), target.get_submodule(pair.bn_name)
+            _swap(target, pair.conv, pair.bn_name, conv, bn, nn.Identity(), keys)
+    return reports
+
+
+def _swap_found(
+    target: nn.Module, run: _dataflow.Run, keys: _OriginalStateDictKeys
+) -> list[_pairs.PairReport]:
+    """Swap the pairs found in a run of ``target``, keeping those that compute what it did."""
+    reasons = {id(p): _reason_not_to_swap_run(p) for p in run.pairs}
+    eligible = [p for p in run.pairs if not reasons[id(p)]]
+    for pair in _dataflow.apply_checked(
+        target, run, eligible, lambda p: _swap_run(target, p, keys)
+    ):
+        reasons[id(pair)] = _pairs.CHANGED_OUTPUTS
+    return [
+        p.report(_pairs.SKIPPED if reasons[id(p)] else _pairs.FUSED, reasons[id(p)])
+        for p in run.pairs
+    ]
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -670,30 +712,123 @@ def _reason_not_to_swap(gm: torch.fx.GraphModule, pair: ModulePair) -> str:
     """Why the pair keeps its two modules; empty when it gets a fused layer."""
     if pair.bn_module is None:
         return _pairs.FUNCTIONAL_BN
-    fused_type = _FUSED_TYPES.get(type(pair.layer_module))
-    if fused_type is None:
-        return _pairs.NOT_A_CONV
-    if type(pair.bn_module) not in (fused_type._bn_type, nn.SyncBatchNorm):
-        return _pairs.BN_TYPE
+    reason = _modules_reason(pair.layer_module, pair.bn_module, exact_bn=True)
+    if reason:
+        return reason
     reason = pair.module_reason(moves_bn=True)
     if reason:
         return reason
     owners = (f"{pair.conv}.", f"{pair.bn.target}.")
     if any(n.op == "get_attr" and str(n.target).startswith(owners) for n in gm.graph.nodes):
         return _pairs.TENSORS_READ  # swapping the modules would move those tensors
+    return _padding_reason(pair.layer_module)
+
+
+def _reason_not_to_swap_run(pair: _dataflow.RunPair) -> str:
+    """Why a pair found in a run keeps its modules; empty when it gets a fused layer."""
+    if pair.frozen:
+        return _pairs.FROZEN_NOT_SWAPPED
+    if pair.reason:
+        return pair.reason
+    assert pair.bn_module is not None
+    reason = _modules_reason(pair.layer_module, pair.bn_module, exact_bn=False)
+    if reason:
+        return reason
+    bn = cast(nn.modules.batchnorm._BatchNorm, pair.bn_module)
+    # The BN's forward called batch_norm with its own tensors (the finder checked); the
+    # fused layer computes what nn.BatchNorm's forward does, so the call must be that one.
+    tracking = not bn.training or bn.track_running_stats
+    if (
+        pair.eps != bn.eps
+        or pair.training != (bn.training or (bn.running_mean is None and bn.running_var is None))
+        or (pair.running_mean is None) == (tracking and bn.running_mean is not None)
+        or (bn.training and bn.momentum is not None and pair.momentum != bn.momentum)
+    ):
+        return _pairs.BN_NOT_BATCH_NORM
+    return _padding_reason(pair.layer_module)
+
+
+def _modules_reason(layer: nn.Module, bn: nn.Module, *, exact_bn: bool) -> str:
+    """Why the fused layer cannot compute this conv and BN; empty when it can.
+
+    ``exact_bn``: the BN module goes into the fused layer as it is; otherwise the fused
+    layer gets an ``nn.BatchNorm`` on the BN's own tensors, and a subclass will do.
+    """
+    fused_type = _FUSED_TYPES.get(type(layer))
+    if fused_type is None:
+        own_forward = _pairs.layer_kind_of_module(layer, exact=False) is None
+        if own_forward and isinstance(layer, tuple(_FUSED_TYPES)):
+            return _pairs.CONV_SUBCLASS
+        return _pairs.NOT_A_CONV
+    if type(bn) not in (fused_type._bn_type, nn.SyncBatchNorm) and (
+        exact_bn or not isinstance(bn, fused_type._bn_type)
+    ):
+        return _pairs.BN_TYPE
+    return ""
+
+
+def _padding_reason(layer: nn.Module) -> str:
     try:
-        _conv_padding(cast(nn.modules.conv._ConvNd, pair.layer_module))
+        _conv_padding(cast(nn.modules.conv._ConvNd, layer))
     except ValueError as e:
         return str(e)
     return ""
 
 
-def _swap(model: nn.Module, conv_path: str, bn_path: str, keys: _OriginalStateDictKeys) -> None:
-    conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
+def _swap(
+    model: nn.Module,
+    conv_path: str,
+    bn_path: str,
+    conv: nn.Module,
+    bn: nn.Module,
+    replacement: nn.Module,
+    keys: _OriginalStateDictKeys,
+) -> _dataflow.Undo:
+    """Put the fused layer of ``conv`` and ``bn`` at ``conv_path`` and ``replacement`` at
+    ``bn_path``; returns what undoes it."""
     fused = _FUSED_TYPES[type(conv)].from_modules(conv, bn)
-    for path, new in ((conv_path, fused), (bn_path, nn.Identity())):
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, new)
+    originals = {conv_path: model.get_submodule(conv_path), bn_path: model.get_submodule(bn_path)}
+    for path, new in ((conv_path, fused), (bn_path, replacement)):
+        _dataflow.set_module(model, path, new)
+    added = []
     for child, path in (("conv", conv_path), ("bn", bn_path)):
         for key in getattr(fused, child).state_dict(keep_vars=True):
-            keys.to_original[f"{conv_path}.{child}.{key}"] = f"{path}.{key}"
+            added.append(f"{conv_path}.{child}.{key}")
+            keys.to_original[added[-1]] = f"{path}.{key}"
+
+    def undo() -> None:
+        for path, module in originals.items():
+            _dataflow.set_module(model, path, module)
+        for key in added:
+            del keys.to_original[key]
+
+    return undo
+
+
+def _swap_run(
+    model: nn.Module, pair: _dataflow.RunPair, keys: _OriginalStateDictKeys
+) -> _dataflow.Undo:
+    """Swap a pair found in a run; a BN subclass's children stay in the BN's place."""
+    assert pair.bn_module is not None
+    bn_type = _FUSED_TYPES[type(pair.layer_module)]._bn_type
+    bn = pair.bn_module
+    if type(bn) not in (bn_type, nn.SyncBatchNorm):
+        bn = _as_plain_batch_norm(cast(nn.modules.batchnorm._BatchNorm, bn), bn_type)
+    return _swap(model, pair.conv, pair.bn_name, pair.layer_module, bn, pair.replacement(), keys)
+
+
+def _as_plain_batch_norm(
+    bn: nn.modules.batchnorm._BatchNorm, bn_type: type[nn.modules.batchnorm._BatchNorm]
+) -> nn.modules.batchnorm._BatchNorm:
+    """An ``nn.BatchNorm`` of ``bn_type`` on the same parameters and buffers as ``bn``, a
+    subclass whose normalisation is ``nn.BatchNorm``'s: the fused layer computes that."""
+    plain = bn_type.__new__(bn_type)
+    nn.Module.__init__(plain)
+    for attribute in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        setattr(plain, attribute, getattr(bn, attribute))
+    plain.training = bn.training
+    for name, parameter in bn._parameters.items():
+        plain.register_parameter(name, parameter)
+    for name, buffer in bn._buffers.items():
+        plain.register_buffer(name, buffer, persistent=name not in bn._non_persistent_buffers_set)
+    return plain
