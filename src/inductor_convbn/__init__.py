@@ -1,7 +1,8 @@
 """Fold eval-mode BatchNorm into the convolution before it, inside ``torch.compile``.
 
 Call ``install()`` before compiling; ``verify()`` shows what was folded. Without
-compiling, ``inductor_convbn.fx.fuse()`` folds at module level through ``torch.fx``.
+compiling, ``inductor_convbn.fx.fuse()`` folds at module level through ``torch.fx``, and
+``fx.fold_modules()`` in place, from one run of the model, for models it cannot trace.
 For training, ``memory_efficient()`` swaps each conv -> BatchNorm pair for a fused layer
 that keeps one activation less for backward.
 """

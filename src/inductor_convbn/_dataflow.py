@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from . import _compat, _pairs
+from . import _pairs
 from ._modules import FuseError
 
 __all__ = ["AfterNorm", "Run", "RunPair", "apply_checked", "record_pairs"]
@@ -81,7 +81,16 @@ class _Event:
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
-    return [t for t in _compat.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+    """The tensors in ``tree``: nested tuples, lists and dicts (a model's outputs, a call's
+    arguments). Written out rather than torch's private pytree: this runs on every torch
+    function call of the recorded run, and keeps the module free of private imports."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)):
+        return [t for item in tree for t in _tensors(item)]
+    if isinstance(tree, dict):
+        return [t for item in tree.values() for t in _tensors(item)]
+    return []
 
 
 class _Recorder(TorchFunctionMode):
