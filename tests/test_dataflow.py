@@ -446,3 +446,12 @@ def test_memory_efficient_with_inputs_agrees_with_the_traced_finder():
     traced = inductor_convbn.memory_efficient_report(inductor_convbn.memory_efficient(model))
     found = inductor_convbn.memory_efficient_report(inductor_convbn.memory_efficient(model, _x()))
     assert found.pair_reports == traced.pair_reports
+
+
+def test_memory_efficient_keeps_a_sync_batch_norm_as_it_is():
+    # Without a process group it runs as plain batch norm, which is what the run records.
+    model = _untraceable(bn=nn.SyncBatchNorm(4)).train()
+    converted = inductor_convbn.memory_efficient(model, _x())
+    assert inductor_convbn.memory_efficient_report(converted).fused == 1
+    assert type(converted.conv.bn) is nn.SyncBatchNorm
+    _assert_trains_alike(model, converted, _x())
