@@ -28,6 +28,7 @@ __all__ = [
     "affine_reason",
     "bind_batch_norm",
     "bind_channel_affine",
+    "data_users",
     "describe_node",
     "format_pairs",
     "is_per_channel",
@@ -36,7 +37,6 @@ __all__ = [
     "module_name",
     "reason_not_to_fold",
     "start_of_leading_views",
-    "value_users",
 ]
 
 
@@ -183,22 +183,25 @@ METADATA_ATTRIBUTES = frozenset(
 )  # fmt: skip
 
 
+# Methods whose argument 1 gives only a shape (timm's LeViT: ``bn(x.flatten(0, 1)).reshape_as(x)``
+# with x the linear output).
+_LIKE_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})
+
+
 def data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The users of ``node`` that read its values, not only its metadata (``x.ndim``,
-    ``x.size()``), in a ``torch.fx`` trace."""
-    return [
-        user
-        for user in node.users
-        if not (
-            (user.op == "call_method" and user.target in METADATA_METHODS)
-            or (
-                user.op == "call_function"
-                and user.target is getattr
-                and len(user.args) == 2
-                and user.args[1] in METADATA_ATTRIBUTES
-            )
-        )
-    ]
+    ``x.size()``, ``y.reshape_as(x)``), in a ``torch.fx`` or dynamo graph."""
+
+    def reads_values(user: torch.fx.Node) -> bool:
+        if user.op == "call_method" and user.target in METADATA_METHODS:
+            return False
+        if user.op == "call_method" and user.target in _LIKE_METHODS:
+            return user.args[0] is node
+        if user.op == "call_function" and user.target is getattr and len(user.args) == 2:
+            return user.args[1] not in METADATA_ATTRIBUTES
+        return True
+
+    return [user for user in node.users if reads_values(user)]
 
 
 # --- Per-channel affine maps (frozen BatchNorm) -------------------------------------------
@@ -412,28 +415,6 @@ _VIEW_METHODS = ("flatten", "view", "reshape")
 _VIEW_FUNCTIONS = (torch.flatten, torch.reshape)
 
 
-# Uses of a tensor that read only its metadata, never its values: a fold leaves them as
-# they were. (timm's LeViT: ``bn(x.flatten(0, 1)).reshape_as(x)`` with x the linear output.)
-_METADATA_METHODS = ("size", "dim", "numel", "ndimension")
-_LIKE_METHODS = ("reshape_as", "view_as", "expand_as")  # argument 1 gives only a shape
-_METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "layout")
-
-
-def value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The users of ``node`` that read its values, not only its shape, dtype or device."""
-
-    def reads_values(user: torch.fx.Node) -> bool:
-        if user.op == "call_method" and user.target in _METADATA_METHODS:
-            return False
-        if user.op == "call_method" and user.target in _LIKE_METHODS:
-            return user.args[0] is node
-        if user.op == "call_function" and user.target is getattr:
-            return user.args[1] not in _METADATA_ATTRIBUTES
-        return True
-
-    return [u for u in node.users if reads_values(u)]
-
-
 def start_of_leading_views(node: torch.fx.Node) -> torch.fx.Node | None:
     """Where a chain of single-user views ending at ``node`` starts, when the chain only
     merges leading dims and ends at rank 2; None when ``node`` is no such chain."""
@@ -443,7 +424,7 @@ def start_of_leading_views(node: torch.fx.Node) -> torch.fx.Node | None:
     ):
         chain.append(node)
         source = node.args[0] if node.args else None
-        if not isinstance(source, torch.fx.Node) or len(value_users(source)) != 1:
+        if not isinstance(source, torch.fx.Node) or len(data_users(source)) != 1:
             return None
         node = source
     if not chain:

@@ -91,7 +91,7 @@ def _fold_batch_norm(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
         kind,
         has_running_stats=norm["running_mean"] is not None and norm["running_var"] is not None,
         training=norm["training"],
-        other_users=len(_pairs.value_users(layer)) > 1,
+        other_users=len(_pairs.data_users(layer)) > 1,
         output_rank=bn_value.dim() if isinstance(bn_value, torch.Tensor) else None,
     )
     if reason or not isinstance(norm["eps"], (int, float)):

@@ -196,7 +196,7 @@ def find_pairs(gm: torch.fx.GraphModule) -> list[Pair]:
             kind,
             has_running_stats=norm["has_running_stats"],
             training=norm["training"],
-            other_users=len(_pairs.value_users(layer)) > 1,
+            other_users=len(_pairs.data_users(layer)) > 1,
             output_rank=rank,
         )
         pairs.append((_pairs.describe_node(layer), _pairs.describe_node(node), kind.name, reason))
