@@ -77,3 +77,33 @@ def test_a_package_keeps_an_unsafe_pair_unfolded():
     statuses = [r.status for r in report.pair_reports]
     assert statuses == ["skipped", "folded"] and report.outputs_match, report
     assert report.pair_reports[0].reason == _pairs.STATS_NOT_FINITE
+
+
+def _batch_norm_nodes(graph: torch.fx.Graph) -> list[str]:
+    return [str(n.target) for n in graph.nodes if "batch_norm" in str(n.target)]
+
+
+def test_the_module_level_fold_exports_with_no_batch_norm_left():
+    """For other runtimes (ONNX, ExecuTorch): fold at module level, then export."""
+    from inductor_convbn import fx
+    from inductor_convbn.testing import torchvision_model
+
+    model, x = torchvision_model("resnet18"), torch.randn(1, 3, 64, 64)
+    assert len(_batch_norm_nodes(torch.export.export(model, (x,)).graph)) == 20
+    fused = fx.fuse(model, x)
+    exported = torch.export.export(fused, (x,))
+    assert _batch_norm_nodes(exported.graph) == []
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_module_level_fold_exports_to_onnx_with_no_batch_normalization(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from inductor_convbn import fx
+
+    model, x = _conv_bn_relu_convt_bn(), torch.randn(2, 3, 16, 16)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(fx.fuse(model, x), (x,), str(path), dynamo=True)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in ops and {"Conv", "ConvTranspose"} <= ops, ops
