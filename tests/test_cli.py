@@ -472,3 +472,19 @@ def test_plot_draws_the_rounds(small_model, stub_timing, tmp_path):
     args = ["bench", f"{small_model}:instance", "--input-shape", "1,3,8,8", "--device", "cpu"]
     assert cli.main([*args, "--plot", str(path)]) == 0
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_export_builds_a_package_with_every_pair_folded_once(small_model, tmp_path, capsys):
+    pytest.importorskip("torch._inductor.package")
+    path = tmp_path / "model.pt2"
+    args = ["export", f"{small_model}:build", "--input-shape", "2,3,8,8", "--device", "cpu"]
+    assert cli.main([*args, "-o", str(path), "--dynamic-batch", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["pairs"], result["folded"], result["outputs_match"]) == (2, 2, True)
+    assert {r["reason"] for r in result["pair_reports"]} == {
+        "once, when the package is built (AOTInductor)"
+    }
+    import torch
+
+    package = torch._inductor.aoti_load_package(str(path))
+    assert package(torch.randn(5, 3, 8, 8)).shape[0] == 5  # the batch is dynamic

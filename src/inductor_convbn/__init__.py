@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ._modules import FuseError
     from ._pass import ConvBnFoldPass, install, installed, is_installed, uninstall
     from ._registry import FreezingWarning
-    from ._report import FoldReport, PairReport, verify
+    from ._report import FoldReport, PairReport, verify, verify_package
     from .training import (
         FusedConvBatchNorm1d,
         FusedConvBatchNorm2d,
@@ -53,6 +53,7 @@ _LAZY = {
     "memory_efficient_report": ".training",
     "uninstall": "._pass",
     "verify": "._report",
+    "verify_package": "._report",
 }
 
 
@@ -89,4 +90,5 @@ __all__ = [
     "memory_efficient_report",
     "uninstall",
     "verify",
+    "verify_package",
 ]

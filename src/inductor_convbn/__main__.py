@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 _DTYPES = ("float32", "float16", "bfloat16")
 # _decide.POLICIES, which imports torch; tests/test_cli.py keeps the two equal.
 _POLICIES = ("auto", "always")
-_COMMANDS = ("report", "bench")
+_COMMANDS = ("report", "bench", "export")
 _DEFAULT_IMAGE_SIZE = 224
 # A model whose first conv is 3-d takes clips: this many frames of this size by default
 # (torchvision's video models are trained on 112 x 112).
@@ -148,6 +148,24 @@ def _parser() -> argparse.ArgumentParser:
         help="also fold the model at module level (inductor_convbn.fx.fuse) and torch.save "
         "the folded model's state_dict to PATH, before compiling",
     )
+    export = commands.add_parser(
+        "export",
+        parents=[common],
+        help="build an AOTInductor package (.pt2) with every pair folded once, and check it",
+        description="torch.export MODEL and build an AOTInductor package of it with the "
+        "plugin: every safe conv -> bn pair is folded once, when the package is built. The "
+        "package is loaded, run and checked against eager, and each pair shown. Exit status "
+        "1 when its output differs from eager or a pair that should have been folded was not.",
+    )
+    export.add_argument(
+        "-o", "--output", metavar="PATH", required=True, help="the package file (.pt2)"
+    )
+    export.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="export the batch dimension as dynamic, so one package serves every batch size",
+    )
+    export.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bench = commands.add_parser(
         "bench",
         parents=[common],
@@ -183,7 +201,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         args.shape = _given_shape(args)
         if args.command == "bench" and (args.rounds < 1 or args.calls < 1):
             raise UsageError("--rounds and --calls must be positive")
-        for option in ("save", "plot"):
+        for option in ("save", "plot", "output"):
             _check_output_path(option, getattr(args, option, None))
         if getattr(args, "plot", None) is not None:
             _figure_class()
@@ -606,7 +624,7 @@ def _report_json(
         "missed": report.missed,
         "pass_s": _decide.pass_time.total_s,
         "pass_tracing_s": _decide.pass_time.tracing_s,
-        "saved": args.save,
+        "saved": getattr(args, "save", None),
         "timing": timing,
         "pair_reports": pair_reports,
     }
@@ -693,6 +711,32 @@ def _run_report(args: argparse.Namespace) -> int:
         print(_timing_line(timing), flush=True)
     if timing is not None:
         _warn_if_noisy(timing)
+    return _exit_status(report)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import _report
+
+    model, x = _prepare(args)
+    dynamic = ({0: torch.export.Dim("batch", min=1)},) if args.dynamic_batch else None
+    with _progress("compiling", f"an AOTInductor package of {_describe(args)}"):
+        report = _report.verify_package(model, x, dynamic_shapes=dynamic, package_path=args.output)
+    if args.json:
+        result = {**_report_json(args, report, None), "package": args.output}
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(report, flush=True)
+        print(
+            f"package: {args.output} (load it with torch._inductor.aoti_load_package, or "
+            "from C++ with AOTIModelPackageLoader)",
+            flush=True,
+        )
+    return _exit_status(report)
+
+
+def _exit_status(report: Any) -> int:
     if report.missed:
         print(
             f"error: {len(report.missed)} pair(s) could have been folded but were not "
@@ -752,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (usage errors exit through argparse)."""
     args = _parse(sys.argv[1:] if argv is None else argv)
     try:
-        return _run_report(args) if args.command == "report" else _run_bench(args)
+        run = {"report": _run_report, "bench": _run_bench, "export": _run_export}
+        return run[args.command](args)
     except UsageError as e:
         print(f"inductor-convbn: error: {e}", file=sys.stderr)
         return USAGE

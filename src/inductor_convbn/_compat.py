@@ -29,6 +29,7 @@ from torch._inductor.pattern_matcher import (
     register_replacement,
 )
 from torch._inductor.utils import run_and_get_code
+from torch._inductor.virtualized import V as _V
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -50,6 +51,8 @@ __all__ = [
     "register_pattern",
     "run_and_get_code",
     "run_before_ddp_split",
+    "aot_compilation",
+    "aoti_package_functions",
     "tree_leaves",
     "tree_map",
     "unset_fake_temporarily",
@@ -286,6 +289,34 @@ def frozen_parameters() -> list[torch.Tensor]:
     if params is None:
         params = getattr(context, "params_flat", None)
     return list(params) if params else []
+
+
+if not hasattr(_V, "aot_compilation"):  # torch >= 2.2 has it
+    raise ImportError(
+        "inductor_convbn: torch._inductor.virtualized.V has no aot_compilation; this torch "
+        "release is not supported (AOTInductor packages could not be told apart)"
+    )
+
+
+def aot_compilation() -> bool:
+    """Whether Inductor is compiling ahead of time (AOTInductor, a ``.pt2`` package): the
+    graph then reads the parameters as ``get_attr`` constants, whose values are known."""
+    return bool(_V.aot_compilation)
+
+
+def aoti_package_functions() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``torch._inductor.aoti_compile_and_package`` and ``aoti_load_package`` (torch >= 2.6;
+    before, AOTInductor had no package format); a clear error where they are missing."""
+    import torch._inductor as inductor
+
+    build = getattr(inductor, "aoti_compile_and_package", None)
+    load = getattr(inductor, "aoti_load_package", None)
+    if build is None or load is None:
+        raise RuntimeError(
+            f"torch {torch.__version__} has no AOTInductor packages "
+            "(torch._inductor.aoti_compile_and_package / aoti_load_package)"
+        )
+    return build, load
 
 
 def dynamo_reset() -> None:

@@ -146,6 +146,25 @@ def compile_variant(
     return _FirstCall(compiled, patches)
 
 
+def build_package(
+    model: torch.nn.Module,
+    example_inputs: tuple[Any, ...],
+    path: str,
+    *,
+    plugin: bool = True,
+    dynamic_shapes: Any = None,
+) -> tuple[torch.export.ExportedProgram, Callable[..., Any]]:
+    """``torch.export`` ``model`` and build an AOTInductor package of it at ``path``, with
+    the plugin or without; return the exported program and the loaded package."""
+    build, load = _compat.aoti_package_functions()
+    with torch.no_grad():
+        exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    plugin_cm = _pass.installed() if plugin else _pass.removed()
+    with plugin_cm, torch.no_grad():
+        build(exported, package_path=path)
+    return exported, load(path)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -335,6 +335,7 @@ AFFINE_NOT_PER_CHANNEL = "the scale or shift is not one value per output channel
 
 # How the plugin folded a pair.
 FOLDED_ONCE = "once, at compile time (freezing)"
+FOLDED_IN_PACKAGE = "once, when the package is built (AOTInductor)"
 FOLDED_PER_CALL = "recomputed every call, from the live parameters"
 FOLDED_FOR_GRAD = "into the weight, differentiably, in a graph that needs gradients"
 # Why the plugin did not fold a pair it matched: it would change results.

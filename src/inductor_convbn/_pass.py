@@ -96,6 +96,8 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
             frozen = _compat.frozen_parameters()
             if frozen:
                 _registry.fold_frozen(graph, frozen)
+            elif _compat.aot_compilation() and not _compat.is_backward_graph(graph):
+                _registry.fold_for_package(graph)
             elif _compat.inductor_config.freezing and not torch.is_grad_enabled():
                 _registry.warn_nothing_frozen(graph)
         elif self.stage == "early":

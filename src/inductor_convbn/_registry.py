@@ -403,6 +403,48 @@ def fold_frozen(graph: torch.fx.Graph, frozen: list[torch.Tensor]) -> int:
     return _apply(graph, _Run(_judge_frozen(_ConstantValues(values)), _pairs.FOLDED_ONCE))
 
 
+def fold_for_package(graph: torch.fx.Graph) -> int:
+    """The freezing stage of an AOTInductor package: its parameters are the graph module's
+    constants (``get_attr`` nodes), so every safe pair is folded as under freezing, and each
+    folded weight and bias is computed here, once, and stored in the package as a constant of
+    its own, whether or not Inductor's freezing is on. Returns how many pairs it folded."""
+    module = graph.owning_module
+    constants = {}
+    for node in graph.find_nodes(op="get_attr"):
+        value = _constant(module, node)
+        if value is not None:
+            constants[node] = value
+    folded = _apply(
+        graph, _Run(_judge_frozen(_ConstantValues(constants)), _pairs.FOLDED_IN_PACKAGE)
+    )
+    if folded and module is not None:
+        _store_computed_constants(graph, module, _ConstantValues(constants))
+    return folded
+
+
+def _store_computed_constants(
+    graph: torch.fx.Graph, module: torch.nn.Module, values: _ConstantValues
+) -> None:
+    """Replace each layer's weight or bias computed from constants alone (a fold) with a
+    constant holding its value, so the package computes it at build time, not every call."""
+    count = 0
+    for layer in [n for n in graph.nodes if n.op == "call_function" and n.target in _LAYER_TARGETS]:
+        for arg in layer.all_input_nodes:
+            if arg.op != "call_function":
+                continue  # an input, or a constant already
+            value = values.get(arg)
+            if value is None:
+                continue
+            while hasattr(module, name := f"_inductor_convbn_folded_{count}"):
+                count += 1
+            module.register_buffer(name, value.detach().clone())
+            with graph.inserting_before(layer):
+                constant = graph.get_attr(name)
+            constant.meta = {k: v for k, v in arg.meta.items() if k in ("val", "tensor_meta")}
+            layer.replace_input_with(arg, constant)
+    graph.eliminate_dead_code()
+
+
 class FreezingWarning(UserWarning):
     """Inductor freezing is on, but dynamo traced without it: nothing is frozen."""
 

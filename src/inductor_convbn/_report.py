@@ -3,9 +3,12 @@ independently of the pattern matcher, run it, and compare with eager."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
+import os
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +18,7 @@ import torch
 from . import _compat, _decide, _harness, _pairs
 from ._pairs import FOLDED, KEPT, NOT_MATCHED, SKIPPED, PairReport
 
-__all__ = ["FoldReport", "PairReport", "find_pairs", "verify"]
+__all__ = ["FoldReport", "PairReport", "find_pairs", "verify", "verify_package"]
 
 # Tolerances against eager per output dtype (TF32 off). The folded conv rounds differently
 # from conv followed by BN, and the difference grows with depth.
@@ -69,6 +72,7 @@ class FoldReport(_pairs.PairTable):
     # Eager's own such error against float64: the float32 noise the plugin is judged by.
     eager_grad_error: float | None = None
     gradients_match: bool | None = None  # None when gradients were not compared
+    package: bool = False  # an AOTInductor package (verify_package), not torch.compile
 
     @property
     def missed(self) -> list[str]:
@@ -82,12 +86,14 @@ class FoldReport(_pairs.PairTable):
 
     def __str__(self) -> str:
         mode = f"policy={self.policy}" + (", freezing" if self.freezing else "")
+        if self.package:
+            mode = "AOTInductor package"
         head = (
             f"inductor_convbn ({mode}): folded {self.folded} of {self.pairs} conv->bn pairs"
             f"{self._how_to_fold_kept()}; max abs error vs eager {self.max_abs_error:.3g}"
         )
         if self.plain_compile_error is not None:
-            head += f" (plain torch.compile: {self.plain_compile_error:.3g})"
+            head += f" ({self._plain_name()}: {self.plain_compile_error:.3g})"
         head += f" {self._output_judgement()}"
         if self.max_grad_error is not None:
             head = head.replace(f"({mode})", f"({mode}, with gradients)", 1)
@@ -103,13 +109,17 @@ class FoldReport(_pairs.PairTable):
         plain = self.plain_compile_error
         return plain is not None and self.max_abs_error <= PLAIN_COMPILE_MARGIN * plain
 
+    def _plain_name(self) -> str:
+        return "the package without the plugin" if self.package else "plain torch.compile"
+
     def _output_judgement(self) -> str:
         tolerance = f"rtol={self.rtol:g}, atol={self.atol:g}"
+        plain = self._plain_name()
         if self.within_tolerance:
             return f"(within {tolerance})"
-        margin = f"{PLAIN_COMPILE_MARGIN:g}x plain torch.compile's error"
+        margin = f"{PLAIN_COMPILE_MARGIN:g}x {plain}'s error"
         if self._within_plain_compile():
-            return f"(outside {tolerance}, as plain torch.compile is; within {margin})"
+            return f"(outside {tolerance}, as {plain} is; within {margin})"
         if self.plain_compile_error is None:
             return f"(OUTSIDE {tolerance})"
         return f"(OUTSIDE {tolerance}, and beyond {margin})"
@@ -268,15 +278,7 @@ def verify(
     several threads run one at a time; a model compiled in another thread meanwhile,
     outside ``verify()``, is counted too.
     """
-    if not isinstance(model, torch.nn.Module):
-        hint = (
-            " (for a torchvision model by name: inductor_convbn.testing.torchvision_model)"
-            if isinstance(model, str)
-            else ""
-        )
-        raise TypeError(f"verify() takes an nn.Module, got {type(model).__name__}{hint}")
-    if not example_inputs:
-        raise TypeError("verify() needs at least one example input")
+    _check_model(model, example_inputs, "verify")
     _decide.check_choice("policy", policy, _decide.POLICIES)
     for name, value in (("freezing", freezing), ("plain", plain)):
         if value is not None and not isinstance(value, bool):
@@ -318,11 +320,77 @@ def verify(
             )
         delta = _compat.counters["inductor"] - before
         decisions = _decide.take_decisions()
+
+    def plain_output() -> Any:
+        with grad_mode(), _harness.tf32_off():
+            compiled_plain = _harness.compile_variant(
+                copy.deepcopy(model), plugin=False, dynamic=dynamic, config=config
+            )
+            return compiled_plain(*example_inputs)
+
+    judged = _judge_output(actual, expected, rtol, atol, plain, plain_output)
+    rtol, atol, outputs_match = judged.rtol, judged.atol, judged.outputs_match
+    grad_error = eager_grad_error = grads_match = None
+    if grads is not None:
+        grad_error, eager_grad_error, grads_match = _judge_gradients(
+            *grads, rtol=GRAD_RTOL_FACTOR * rtol
+        )
+        outputs_match = outputs_match and grads_match
+    return FoldReport(
+        pair_reports=_pair_reports(model, pairs, decisions, delta),
+        folded=delta[_decide.COUNTER_FOLDED],
+        max_abs_error=judged.error,
+        outputs_match=outputs_match,
+        rtol=rtol,
+        atol=atol,
+        plain_compile_error=judged.plain_error,
+        within_tolerance=judged.within_tolerance,
+        fx_graph_cache_hits=delta["fxgraph_cache_hit"],
+        policy=policy,
+        freezing=freezing,
+        max_grad_error=grad_error,
+        eager_grad_error=eager_grad_error,
+        gradients_match=grads_match,
+    )
+
+
+def _check_model(model: Any, example_inputs: tuple[Any, ...], caller: str) -> None:
+    if not isinstance(model, torch.nn.Module):
+        hint = (
+            " (for a torchvision model by name: inductor_convbn.testing.torchvision_model)"
+            if isinstance(model, str)
+            else ""
+        )
+        raise TypeError(f"{caller}() takes an nn.Module, got {type(model).__name__}{hint}")
+    if not example_inputs:
+        raise TypeError(f"{caller}() needs at least one example input")
+
+
+@dataclasses.dataclass
+class _Judged:
+    error: float
+    rtol: float
+    atol: float
+    within_tolerance: bool
+    plain_error: float | None
+    outputs_match: bool
+
+
+def _judge_output(
+    actual: Any,
+    expected: Any,
+    rtol: float | None,
+    atol: float | None,
+    plain: bool | None,
+    plain_output: Callable[[], Any],
+) -> _Judged:
+    """The plugin's output against eager: within the tolerances (per output dtype by
+    default), or else (``plain=None``; always with ``plain=True``) against plain compile's
+    error, ``plain_output()`` being the output without the plugin."""
     error, dtype = _max_abs_error(actual, expected)
     default_rtol, default_atol = DEFAULT_TOLERANCES.get(dtype, (1e-4, 1e-4))
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
-
     try:
         torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
         within_tolerance = True
@@ -330,45 +398,93 @@ def verify(
         within_tolerance = False
     plain_error = None
     if plain or (plain is None and not within_tolerance):
-        with grad_mode(), _harness.tf32_off():
-            compiled_plain = _harness.compile_variant(
-                copy.deepcopy(model), plugin=False, dynamic=dynamic, config=config
-            )
-            plain_error = _max_abs_error(compiled_plain(*example_inputs), expected)[0]
+        plain_error = _max_abs_error(plain_output(), expected)[0]
     outputs_match = within_tolerance or (
         plain_error is not None and error <= PLAIN_COMPILE_MARGIN * plain_error
     )
-    grad_error = eager_grad_error = grads_match = None
-    if grads is not None:
-        grad_error, eager_grad_error, grads_match = _judge_gradients(
-            *grads, rtol=GRAD_RTOL_FACTOR * rtol
-        )
-        outputs_match = outputs_match and grads_match
+    return _Judged(error, rtol, atol, within_tolerance, plain_error, outputs_match)
+
+
+def _pair_reports(
+    model: torch.nn.Module,
+    pairs: list[Pair],
+    decisions: list[_decide.Decision],
+    delta: Any,
+) -> list[PairReport]:
+    """Each pair's row, named after the model's own modules."""
     names = {name for name, _ in model.named_modules()}
     rename = _pairs.module_name
     pairs = [(rename(c, names), rename(b, names), k, r) for c, b, k, r in pairs]
     decisions = [dataclasses.replace(d, layer=rename(d.layer, names)) for d in decisions]
+    return _attribute(
+        pairs,
+        decisions,
+        delta[_decide.COUNTER_FOLDED],
+        delta[_decide.COUNTER_KEPT],
+        delta[_decide.COUNTER_UNSAFE],
+    )
+
+
+def verify_package(
+    model: torch.nn.Module,
+    *example_inputs: Any,
+    dynamic_shapes: Any = None,
+    package_path: str | os.PathLike[str] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    plain: bool | None = None,
+) -> FoldReport:
+    """Export ``model`` with ``torch.export``, build an AOTInductor package of it with the
+    plugin, load it, run it on ``example_inputs``, and report the folds, as ``verify()``
+    does for ``torch.compile``. In a package the parameters are constants: every safe pair
+    is folded once, when the package is built.
+
+    ``dynamic_shapes`` is ``torch.export``'s. ``package_path`` keeps the package there
+    (a ``.pt2`` file); by default it is built in a temporary directory and removed. The
+    output is judged as by ``verify()``, a package built without the plugin standing for
+    plain compile (``plain``).
+    """
+    _check_model(model, example_inputs, "verify_package")
+    with contextlib.ExitStack() as stack:
+        if package_path is None:
+            folder = stack.enter_context(tempfile.TemporaryDirectory())
+            package_path = os.path.join(folder, "model.pt2")
+        path = os.fspath(package_path)
+        with _verify_lock:
+            _decide.take_decisions()
+            before = _compat.counters["inductor"].copy()
+            with _harness.tf32_off():
+                exported, package = _harness.build_package(
+                    copy.deepcopy(model), example_inputs, path, dynamic_shapes=dynamic_shapes
+                )
+            delta = _compat.counters["inductor"] - before
+            decisions = _decide.take_decisions()
+        with torch.no_grad(), _harness.tf32_off():
+            expected = model(*example_inputs)
+            actual = package(*example_inputs)
+
+        def plain_output() -> Any:
+            plain_path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "p.pt2")
+            with torch.no_grad(), _harness.tf32_off():
+                _, plain_package = _harness.build_package(
+                    copy.deepcopy(model), example_inputs, plain_path, plugin=False,
+                    dynamic_shapes=dynamic_shapes,
+                )  # fmt: skip
+                return plain_package(*example_inputs)
+
+        judged = _judge_output(actual, expected, rtol, atol, plain, plain_output)
     return FoldReport(
-        pair_reports=_attribute(
-            pairs,
-            decisions,
-            delta[_decide.COUNTER_FOLDED],
-            delta[_decide.COUNTER_KEPT],
-            delta[_decide.COUNTER_UNSAFE],
-        ),
+        pair_reports=_pair_reports(model, find_pairs(exported.module()), decisions, delta),
         folded=delta[_decide.COUNTER_FOLDED],
-        max_abs_error=error,
-        outputs_match=outputs_match,
-        rtol=rtol,
-        atol=atol,
-        plain_compile_error=plain_error,
-        within_tolerance=within_tolerance,
-        fx_graph_cache_hits=delta["fxgraph_cache_hit"],
-        policy=policy,
-        freezing=freezing,
-        max_grad_error=grad_error,
-        eager_grad_error=eager_grad_error,
-        gradients_match=grads_match,
+        max_abs_error=judged.error,
+        outputs_match=judged.outputs_match,
+        rtol=judged.rtol,
+        atol=judged.atol,
+        plain_compile_error=judged.plain_error,
+        within_tolerance=judged.within_tolerance,
+        policy="auto",
+        freezing=False,
+        package=True,
     )
 
 
