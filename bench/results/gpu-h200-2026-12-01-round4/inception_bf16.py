@@ -1,5 +1,6 @@
-"""inception_v3 in bfloat16 (or --dtype float32) channels_last, batch 8, on the GPU with freezing, TF32 off:
-max abs error against eager of plain torch.compile and of torch.compile with the plugin.
+"""inception_v3 in bfloat16 (or --dtype float32) channels_last, batch 8, on the GPU with
+freezing, TF32 off: max abs error against eager of plain torch.compile and of torch.compile
+with the plugin.
 
     PYTHONPATH=$PWD/src python bench/results/gpu-h200-2026-12-01-round4/inception_bf16.py [float32]
 
@@ -36,9 +37,11 @@ with torch.no_grad():
     eager = model(xb).float()
     ref64 = m64(xb.double()).float()
 mag = float(eager.abs().max())
-print(f"input {tuple(xb.shape)}; eager magnitude {mag:.4g}; float64 magnitude"
-      f" {float(ref64.abs().max()):.4g}; eager vs float64 {float((eager - ref64).abs().max()):.4g}",
-      flush=True)
+print(
+    f"input {tuple(xb.shape)}; eager magnitude {mag:.4g}; float64 magnitude"
+    f" {float(ref64.abs().max()):.4g}; eager vs float64 {float((eager - ref64).abs().max()):.4g}",
+    flush=True,
+)
 
 
 def run(label: str, plugin: bool) -> None:
@@ -53,9 +56,12 @@ def run(label: str, plugin: bool) -> None:
     with torch._inductor.config.patch(freezing=True), torch.no_grad():
         out = compiled(xb).float()
     folded = torch._dynamo.utils.counters["inductor"]["inductor_convbn_folded"] - before
-    print(f"{label}: vs eager {float((out - eager).abs().max()):.4g}; vs float64"
-          f" {float((out - ref64).abs().max()):.4g}; magnitude {float(out.abs().max()):.4g};"
-          f" plugin folds {folded}; {time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"{label}: vs eager {float((out - eager).abs().max()):.4g}; vs float64"
+        f" {float((out - ref64).abs().max()):.4g}; magnitude {float(out.abs().max()):.4g};"
+        f" plugin folds {folded}; {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
 
 
 run("plain torch.compile, freezing", plugin=False)
