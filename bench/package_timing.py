@@ -46,19 +46,25 @@ def main() -> None:
         expected = model(x)
         folder = tempfile.mkdtemp()
 
-        def package(plugin: bool):
-            path = os.path.join(folder, f"{'plugin' if plugin else 'plain'}.pt2")
-            return _harness.build_package(copy.deepcopy(model), (x,), path, plugin=plugin)[1]
+        def package(plugin: bool, freezing: bool = False):
+            path = os.path.join(folder, f"{plugin}-{freezing}.pt2")
+            config = {"freezing": True} if freezing else None
+            built = _harness.build_package(
+                copy.deepcopy(model), (x,), path, plugin=plugin, config=config
+            )
+            return built[1]
 
         factories = {
             BASELINE: lambda: package(False),
             "package+plugin": lambda: package(True),
+            "package+freezing": lambda: package(False, freezing=True),
+            "package+freezing+plugin": lambda: package(True, freezing=True),
             "compile+freezing+plugin": lambda: _harness.compile_variant(
                 copy.deepcopy(model), config={"freezing": True}
             ),
         }
         tol = 1e-3 if dtype == torch.float32 else 1e-1
-        packages = (BASELINE, "package+plugin")
+        packages = [name for name in factories if name.startswith(BASELINE)]
         built, dropped = variants.prepare(
             factories, x, expected, rtol=tol, atol=tol, not_compiled=packages
         )

@@ -153,14 +153,16 @@ def build_package(
     *,
     plugin: bool = True,
     dynamic_shapes: Any = None,
+    config: dict[str, Any] | None = None,
 ) -> tuple[torch.export.ExportedProgram, Callable[..., Any]]:
     """``torch.export`` ``model`` and build an AOTInductor package of it at ``path``, with
-    the plugin or without; return the exported program and the loaded package."""
+    the plugin or without, under an Inductor ``config`` (``{"freezing": True}``); return the
+    exported program and the loaded package."""
     build, load = _compat.aoti_package_functions()
     with torch.no_grad():
         exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
     plugin_cm = _pass.installed() if plugin else _pass.removed()
-    with plugin_cm, torch.no_grad():
+    with plugin_cm, torch.no_grad(), _compat.inductor_config.patch(config or {}):
         build(exported, package_path=path)
     return exported, load(path)
 
