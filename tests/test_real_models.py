@@ -142,7 +142,7 @@ def test_folded_model_exports(name):
     exported = torch.export.export(fx.fold_modules(model, x), (x,))
     with torch.no_grad():
         for a, b in zip(_leaves(exported.module()(x)), _leaves(model(x)), strict=True):
-            _assert_close(a, b, 1e-5, name)
+            _assert_close(a, b, 1e-4, name)
 
 
 def _loss(out):

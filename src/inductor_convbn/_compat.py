@@ -301,7 +301,9 @@ if not hasattr(_V, "aot_compilation"):  # torch >= 2.2 has it
 def aot_compilation() -> bool:
     """Whether Inductor is compiling ahead of time (AOTInductor, a ``.pt2`` package): the
     graph then reads the parameters as ``get_attr`` constants, whose values are known."""
-    return bool(_V.aot_compilation)
+    # torch >= 2.7 (or so) returns a bool; 2.6 returns the handler itself, a truthy
+    # NullHandler when nothing set it: only True means an AOT compilation.
+    return _V.aot_compilation is True
 
 
 def aoti_package_functions() -> tuple[Callable[..., Any], Callable[..., Any]]:
