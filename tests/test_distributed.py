@@ -8,6 +8,7 @@ of the processes' losses over their number (DistributedDataParallel averages gra
 The GPU test compares against ``nn.SyncBatchNorm`` itself.
 """
 
+import datetime
 import os
 import socket
 from unittest import mock
@@ -41,7 +42,9 @@ def _worker(rank, port, backend, job, out_dir):
     torch.set_num_threads(1)  # two processes on a two-core machine
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=WORLD)
+    # A collective that waits longer than this fails the test instead of hanging the suite.
+    timeout = datetime.timedelta(seconds=120)
+    dist.init_process_group(backend, rank=rank, world_size=WORLD, timeout=timeout)
     try:
         torch.save(job(rank), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
