@@ -110,7 +110,7 @@ def _fold_batch_norm(graph: torch.fx.Graph, bn: torch.fx.Node) -> bool:
     )  # fmt: skip
     fold = (fold_conv_bn_weights, fold_args)
     if bn_input is not layer:
-        return _fold_in_place(graph, layer, kind, conv, fold, bn)
+        return _fold_in_place(graph, layer, kind, conv, fold, bn, bn_input)
     _replace(graph, layer, kind, conv, fold, [bn], grad=True)
     return True
 
@@ -159,6 +159,22 @@ def _layer_call(
     return tuple(conv[n] for n in positional), {n: conv[n] for n in given if n not in positional}
 
 
+def _fold_nodes(
+    graph: torch.fx.Graph,
+    kind: _pairs.LayerKind,
+    conv: dict[str, Any],
+    fold: tuple[Callable[..., Any], tuple[Any, ...]],
+) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """The folded weight and bias, computed in the graph by ``fold`` at the insert point
+    (traced by AOT autograd, which records the fold's ops and their backward)."""
+    fold_fn, fold_args = fold
+    folded = graph.call_function(
+        fold_fn, fold_args, {"transposed": kind.transposed, "groups": conv.get("groups", 1)}
+    )
+    weight = graph.call_function(operator.getitem, (folded, 0))
+    return weight, graph.call_function(operator.getitem, (folded, 1))
+
+
 def _fold_in_place(
     graph: torch.fx.Graph,
     layer: torch.fx.Node,
@@ -166,23 +182,19 @@ def _fold_in_place(
     conv: dict[str, Any],
     fold: tuple[Callable[..., Any], tuple[Any, ...]],
     bn: torch.fx.Node,
+    bn_input: torch.fx.Node,
 ) -> bool:
     """Fold a BN that reads ``layer`` through views: the layer itself takes the folded
     weight and bias (its shape-only users stay as they are), and the BN's users read the
     views. The fold is computed before the layer, so its inputs must come before it."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    fold_fn, fold_args = fold
-    inputs = [a for a in fold_args if isinstance(a, torch.fx.Node)]
+    inputs = [a for a in fold[1] if isinstance(a, torch.fx.Node)]
     if any(order[a] > order[layer] for a in inputs):
         return False  # a BN tensor computed after the layer: not folded, the verifier says
     with graph.inserting_before(layer):
-        folded = graph.call_function(
-            fold_fn, fold_args, {"transposed": kind.transposed, "groups": conv.get("groups", 1)}
-        )
-        weight = graph.call_function(operator.getitem, (folded, 0))
-        bias = graph.call_function(operator.getitem, (folded, 1))
+        weight, bias = _fold_nodes(graph, kind, conv, fold)
     layer.args, layer.kwargs = _layer_call(kind, {**conv, "weight": weight, "bias": bias})
-    bn.replace_all_uses_with(_pairs.bind_batch_norm(bn.target, bn.args, bn.kwargs)["input"])
+    bn.replace_all_uses_with(bn_input)
     graph.erase_node(bn)
     _decide.mark(layer, _decide.Decision(_pairs.describe_node(layer), True, _pairs.FOLDED_FOR_GRAD))
     return True
@@ -202,14 +214,8 @@ def _replace(
     """Replace ``layer`` and the nodes after it, ``chain`` (the last one first), with the
     layer called on the folded weight and bias, computed in the graph by ``fold``."""
     output = chain[0]
-    fold_fn, fold_args = fold
     with graph.inserting_before(output):
-        # Traced by AOT autograd, which records the fold's ops and their backward.
-        folded = graph.call_function(
-            fold_fn, fold_args, {"transposed": kind.transposed, "groups": conv.get("groups", 1)}
-        )
-        weight = graph.call_function(operator.getitem, (folded, 0))
-        bias = graph.call_function(operator.getitem, (folded, 1))
+        weight, bias = _fold_nodes(graph, kind, conv, fold)
         # A transposed conv's bias gradient is the sum of its output gradient, which the
         # CPU kernels (oneDNN) accumulate in float32 with errors of 1e-2 of its size on a
         # large output; the folded bias carries the BN's affine gradients too. Added after
