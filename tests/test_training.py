@@ -3,6 +3,7 @@
 Every check runs the fused model against the plain conv + BN pair it replaces.
 """
 
+import collections
 import copy
 import io
 import pickle
@@ -93,9 +94,9 @@ def test_gradcheck(rank, stride, padding, dilation, groups, bias, affine):
     hyper = ([stride] * rank, [padding] * rank, [dilation] * rank, groups)
 
     def fn(x, weight, conv_bias, gamma, beta):
-        return training._ConvBatchNormTrain.apply(x, weight, conv_bias, gamma, beta, 1e-5, *hyper)[
-            0
-        ]
+        stats = (None, None, 0.0)  # no running statistics
+        apply = training._ConvBatchNormTrain.apply
+        return apply(x, weight, conv_bias, gamma, beta, *stats, 1e-5, *hyper)[0]
 
     assert torch.autograd.gradcheck(fn, (x, weight, conv_bias, gamma, beta))
 
@@ -206,6 +207,42 @@ def test_float_dtypes(dtype):
         {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     )
     _assert_same_training(reference, fused, _input(dtype=dtype), steps=2, **tolerance)
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops dispatched inside it, counted (allocations and views left out)."""
+
+    NOT_KERNELS = ("aten.empty", "aten.new_empty", "aten.detach", "aten.expand")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not str(func).startswith(self.NOT_KERNELS):
+            self.ops[str(func).rsplit(".", 1)[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_an_eager_step_runs_the_pairs_ops_and_one_conv_more(momentum):
+    # Eager training steps of small convs are bound by the CPU: each op more is a kernel
+    # launch more. The fused layer runs the pair's ops and the recomputed conv; with a
+    # cumulative average (momentum=None) the running statistics take a few ops more.
+    def step(model, x):
+        x = x.detach().requires_grad_()
+        with _AtenOps() as counter:
+            model(x).sum().backward()
+        return counter.ops
+
+    plain = _pair_model(dtype=torch.float32, bn_kwargs={"momentum": momentum})[:2]
+    fused = training.FusedConvBatchNorm2d.from_modules(*copy.deepcopy(plain))
+    x = _input(dtype=torch.float32)
+    plain_ops, fused_ops = step(plain, x), step(fused, x)
+    assert fused_ops["aten.convolution"] == plain_ops["aten.convolution"] + 1
+    if momentum is not None:
+        assert fused_ops - plain_ops == {"aten.convolution": 1}
+        assert plain_ops - fused_ops == {}
 
 
 def test_autocast_matches_the_pair():

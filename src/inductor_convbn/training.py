@@ -57,6 +57,9 @@ class _ConvBatchNormTrain(torch.autograd.Function):
         bias: torch.Tensor | None,
         bn_weight: torch.Tensor | None,
         bn_bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
         eps: float,
         stride: list[int],
         padding: list[int],
@@ -66,24 +69,34 @@ class _ConvBatchNormTrain(torch.autograd.Function):
         y = torch.convolution(
             x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
         )
+        # With running statistics, the BN kernel updates them as nn.BatchNorm's call does.
         out, mean, invstd = torch.ops.aten.native_batch_norm(
-            y, bn_weight, bn_bias, None, None, True, 0.0, eps
+            y, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps
         )
         ctx.save_for_backward(x, weight, bias, bn_weight, mean, invstd)
         ctx.hyper = (eps, stride, padding, dilation, groups)
         ctx.mark_non_differentiable(mean, invstd)
+        # No zero-filled gradients for the statistics: backward does not read them.
+        ctx.set_materialize_grads(False)
         return out, mean, invstd
 
     @staticmethod
     def backward(
-        ctx: Any, grad_out: torch.Tensor, _grad_mean: Any, _grad_invstd: Any
+        ctx: Any, grad_out: torch.Tensor | None, _grad_mean: Any, _grad_invstd: Any
     ) -> tuple[torch.Tensor | None, ...]:
+        if grad_out is None:
+            return (None,) * 14
         x, weight, bias, bn_weight, mean, invstd = ctx.saved_tensors
         mask = [bool(n) for n in ctx.needs_input_grad[:5]]
-        grads = _conv_bn_train_backward(
-            grad_out, x, weight, bias, bn_weight, mean, invstd, *ctx.hyper, mask
+        # The opaque op where a compiler traces backward; in eager its body, which spares
+        # the custom op's dispatch (eager steps of small convs are bound by the CPU).
+        backward = (
+            _conv_bn_train_backward
+            if torch.compiler.is_compiling()
+            else _conv_bn_train_backward_impl
         )
-        return (*(g if need else None for g, need in zip(grads, mask, strict=True)),) + (None,) * 5
+        grads = backward(grad_out, x, weight, bias, bn_weight, mean, invstd, *ctx.hyper, mask)
+        return (*(g if need else None for g, need in zip(grads, mask, strict=True)),) + (None,) * 9
 
 
 def _channels_last(x: torch.Tensor) -> torch.memory_format | None:
@@ -470,15 +483,29 @@ class _FusedConvBatchNormNd(nn.Module):
             bias = None if bias is None else bias.to(dtype)
         conv_args = (list(conv.stride), self._padding, list(conv.dilation), conv.groups)
         group = _sync_group(bn)
+        # In eager, the BN kernel updates the running statistics, as in nn.BatchNorm's own
+        # call: no extra kernels (eager steps of small convs are bound by the CPU). Compiled,
+        # they are updated below, in ops Inductor fuses; so are a cumulative average (its
+        # factor is a tensor) and a batch of one (it raises first, changing nothing).
+        in_kernel = (
+            group is None
+            and bn.training
+            and bn.running_mean is not None
+            and bn.momentum is not None
+            and x.shape[0] > 1
+            and not torch.compiler.is_compiling()
+        )
         with torch.autocast(device_type, enabled=False):
             if group is not None:
                 out, mean, var, count = _ConvSyncBatchNormTrain.apply(
                     x, weight, bias, bn.weight, bn.bias, bn.eps, *conv_args, group
                 )
             else:
+                running = (bn.running_mean, bn.running_var) if in_kernel else (None, None)
                 out, mean, invstd = _ConvBatchNormTrain.apply(
-                    x, weight, bias, bn.weight, bn.bias, bn.eps, *conv_args
-                )
+                    x, weight, bias, bn.weight, bn.bias, *running,
+                    bn.momentum if in_kernel else 0.0, bn.eps, *conv_args,
+                )  # fmt: skip
                 count = out.numel() // out.shape[1]
         if group is None and bn.training and count <= 1:
             # What nn.BatchNorm says: one value per channel has no variance. (SyncBatchNorm
@@ -486,7 +513,11 @@ class _FusedConvBatchNormNd(nn.Module):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {out.size()}"
             )
-        if bn.training and bn.running_mean is not None:
+        if in_kernel:
+            assert bn.num_batches_tracked is not None
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+        elif bn.training and bn.running_mean is not None:
             if group is None:
                 # invstd = 1 / sqrt(var + eps), in float32 at least (the kernel's
                 # accumulation type).
