@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -90,11 +91,9 @@ class _ConvBatchNormTrain(torch.autograd.Function):
         mask = [bool(n) for n in ctx.needs_input_grad[:5]]
         # The opaque op where a compiler traces backward; in eager its body, which spares
         # the custom op's dispatch (eager steps of small convs are bound by the CPU).
-        backward = (
-            _conv_bn_train_backward
-            if torch.compiler.is_compiling()
-            else _conv_bn_train_backward_impl
-        )
+        backward: Callable[..., Any] = _conv_bn_train_backward_impl
+        if torch.compiler.is_compiling():
+            backward = _conv_bn_train_backward
         grads = backward(grad_out, x, weight, bias, bn_weight, mean, invstd, *ctx.hyper, mask)
         return (*(g if need else None for g, need in zip(grads, mask, strict=True)),) + (None,) * 9
 

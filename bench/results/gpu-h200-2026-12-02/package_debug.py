@@ -1,7 +1,7 @@
 """Where an AOTInductor package segfaults on CUDA: each step in its own process.
 
-    python package_debug.py STEP   (STEP: plain-fp32, plugin-fp32, plain-bf16cl, plugin-bf16cl,
-                                   two-packages)
+python package_debug.py STEP   (STEP: plain-fp32, plugin-fp32, plain-bf16cl, plugin-bf16cl,
+                               two-packages)
 """
 
 import faulthandler
@@ -33,8 +33,9 @@ def step(name: str) -> None:
         torch.cuda.synchronize()
         print(name, "ran", float((y.float() - model(x).float()).abs().max()), flush=True)
     if name == "two-packages":
-        _, run2 = _harness.build_package(model, (x,), os.path.join(folder, "b.pt2"), plugin=False,
-                                         config={"freezing": True})
+        _, run2 = _harness.build_package(
+            model, (x,), os.path.join(folder, "b.pt2"), plugin=False, config={"freezing": True}
+        )
         with torch.no_grad():
             run2(x)
             run(x)

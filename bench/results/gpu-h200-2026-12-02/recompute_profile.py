@@ -63,8 +63,12 @@ def main():
             torch.cuda.synchronize()
             times[n].append((time.perf_counter() - t) / 3)
     med = {n: sorted(t)[len(t) // 2] * 1e3 for n, t in times.items()}
-    print(f"{a.model} b{a.batch_size} {a.dtype}: ms/step", {n: round(v, 2) for n, v in med.items()},
-          "ratio", round(med["fused"] / med["plain"], 3))
+    print(
+        f"{a.model} b{a.batch_size} {a.dtype}: ms/step",
+        {n: round(v, 2) for n, v in med.items()},
+        "ratio",
+        round(med["fused"] / med["plain"], 3),
+    )
     for n, s in steps.items():
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
@@ -78,8 +82,11 @@ def main():
     # Each fused pair: its conv forward alone (what backward recomputes), its FLOPs, saved bytes.
     rows = []
     inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0].detach()))
-             for m in fused.modules() if type(m).__name__.startswith("FusedConvBatchNorm")]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0].detach()))
+        for m in fused.modules()
+        if type(m).__name__.startswith("FusedConvBatchNorm")
+    ]
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
         fused(x)
     for h in hooks:
@@ -89,7 +96,12 @@ def main():
             continue
         xi = inputs[m].to(torch.bfloat16 if bf16 else torch.float32)
         w = m.conv.weight.to(xi.dtype)
-        f = lambda: nn.functional.conv2d(xi, w, None, m.conv.stride, m.conv.padding, m.conv.dilation, m.conv.groups)
+        conv = m.conv
+
+        def f(xi=xi, w=w, conv=conv):
+            args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+            return nn.functional.conv2d(xi, w, None, *args)
+
         with torch.no_grad():
             out = f()
             for _ in range(3):
@@ -103,12 +115,19 @@ def main():
             torch.cuda.synchronize()
         ms = start.elapsed_time(end) / 20
         flops = 2 * out.numel() * w.shape[1] * w.shape[2] * w.shape[3]
-        rows.append({"pair": name, "ms": ms, "gflop": flops / 1e9, "saved_mib": out.numel() * out.element_size() / 2**20,
-                     "in_mib": xi.numel() * xi.element_size() / 2**20})
+        saved = out.numel() * out.element_size() / 2**20
+        inp = xi.numel() * xi.element_size() / 2**20
+        rows.append(
+            {"pair": name, "ms": ms, "gflop": flops / 1e9, "saved_mib": saved, "in_mib": inp}
+        )
     tot = sum(r["ms"] for r in rows)
-    print(f"sum of fused convs' forward alone: {tot:.2f} ms; step plain {med['plain']:.2f}, extra {med['fused'] - med['plain']:.2f}")
+    extra = med["fused"] - med["plain"]
+    print(f"sum of fused convs' forward alone: {tot:.2f} ms; step {med['plain']:.2f}, +{extra:.2f}")
     for r in sorted(rows, key=lambda r: -r["saved_mib"] / r["gflop"])[:60]:
-        print(f"  {r['pair']:28s} {r['ms']:.3f} ms {r['gflop']:7.2f} GF saved {r['saved_mib']:7.1f} MiB  in {r['in_mib']:7.1f}  TF/s {r['gflop']/r['ms']:.1f}")
+        print(
+            f"  {r['pair']:28s} {r['ms']:.3f} ms {r['gflop']:7.2f} GF saved {r['saved_mib']:7.1f}"
+            f" MiB  in {r['in_mib']:7.1f}  TF/s {r['gflop'] / r['ms']:.1f}"
+        )
     print(json.dumps({"rows": rows, "step_ms": med}))
 
 
