@@ -11,6 +11,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import inductor_convbn
 from inductor_convbn import _pairs, fx, training
@@ -506,3 +507,114 @@ def test_cuda_bfloat16_autocast_is_as_accurate_as_unfused(compiled):
         assert err_fused <= max(2 * err_ref, 2e-2), (errors_fused, errors_ref)
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(fused.state_dict()[key], value, rtol=2e-2, atol=2e-2)
+
+
+def _ladder():
+    """Pairs of very different bytes per FLOP: a stem, a 3x3 conv, a widening 1x1 conv, a
+    3x3 conv on the wide output."""
+    torch.manual_seed(0)
+    layers = []
+    for c_in, c_out, k in ((3, 8, 3), (8, 8, 3), (8, 32, 1), (32, 32, 3)):
+        layers += [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out)]
+        layers.append(nn.ReLU())
+    head = (nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+    return randomize_batch_norm(nn.Sequential(*layers, *head))
+
+
+def _ladder_input():
+    return torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("max_overhead", [0.0, 0.02, 0.1, 0.3, 1.0])
+def test_max_overhead_fuses_the_most_bytes_per_flop_within_it(max_overhead):
+    model, x = _ladder(), _ladder_input()
+    report = inductor_convbn.memory_efficient_report(
+        inductor_convbn.memory_efficient(model, x, max_overhead=max_overhead)
+    )
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert report.step_flops == 3 * counter.get_total_flops()
+    assert report.estimated_overhead <= max_overhead
+    rows = {p.conv: p for p in report.pair_reports}
+    fused = [report.costs[c] for c, p in rows.items() if p.status == _pairs.FUSED]
+    kept = [report.costs[c] for c, p in rows.items() if p.status == _pairs.KEPT]
+    assert len(fused) + len(kept) == 4
+    assert all(rows[c].reason == _pairs.OVER_BUDGET for c in rows if rows[c].status == "kept")
+    spent = sum(c.recompute_flops for c in fused)
+    for cost in kept:  # none of them would still fit
+        assert (spent + cost.recompute_flops) / report.step_flops > max_overhead
+    if max_overhead >= 1.0:
+        assert not kept
+    if max_overhead == 0.0:
+        assert not fused
+
+
+def test_the_budget_chooses_the_widening_1x1_conv_first():
+    model, x = _ladder(), _ladder_input()
+    everything = inductor_convbn.memory_efficient_report(
+        inductor_convbn.memory_efficient(model, x, max_overhead=1.0)
+    )
+    ratios = {conv: c.bytes_per_flop for conv, c in everything.costs.items()}
+    assert max(ratios, key=ratios.get) == "6"  # Conv2d(8, 32, 1)
+    assert min(ratios, key=ratios.get) == "9"  # Conv2d(32, 32, 3)
+    # A budget of exactly that conv's recomputation: it is fused, and nothing else fits.
+    budget = everything.costs["6"].recompute_flops / everything.step_flops
+    report = inductor_convbn.memory_efficient_report(
+        inductor_convbn.memory_efficient(model, x, max_overhead=budget)
+    )
+    assert [p.conv for p in report.pair_reports if p.status == _pairs.FUSED] == ["6"]
+
+
+def test_a_budgeted_model_trains_as_the_plain_one():
+    model, x = _ladder(), _ladder_input()
+    model, x = model.double(), x.double()
+    fused = inductor_convbn.memory_efficient(model, x, max_overhead=0.1)
+    report = inductor_convbn.memory_efficient_report(fused)
+    assert 0 < report.fused < report.pairs
+    _assert_same_training(model, fused, x)
+
+
+def test_the_report_shows_each_pairs_estimate():
+    model, x = _ladder(), _ladder_input()
+    report = inductor_convbn.memory_efficient_report(
+        inductor_convbn.memory_efficient(model, x, max_overhead=0.1)
+    )
+    text = str(report)
+    head, *rows = text.splitlines()
+    assert "max_overhead=0.1" in head and "less at the end of forward" in head
+    assert f"+{report.estimated_overhead:.1%} step FLOPs" in head
+    for conv, cost in report.costs.items():
+        row = next(r for r in rows if r.split()[0] == conv)
+        assert f"[{cost.saved_bytes / 2**20:.1f} MiB, +" in row
+    assert report.estimated_saved_bytes == sum(
+        report.costs[p.conv].saved_bytes for p in report.pair_reports if p.status == "fused"
+    )
+
+
+def test_without_a_budget_every_pair_is_fused_and_estimated():
+    model, x = _ladder(), _ladder_input()
+    report = inductor_convbn.memory_efficient_report(inductor_convbn.memory_efficient(model, x))
+    assert report.fused == report.pairs == 4
+    assert report.max_overhead is None and report.estimated_overhead > 0
+    assert "max_overhead" not in str(report).splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (-0.1, ValueError, "0 or more"),
+        (float("nan"), ValueError, "0 or more"),
+        ("10%", TypeError, "fraction"),
+        (True, TypeError, "fraction"),
+    ],
+)
+def test_max_overhead_must_be_a_fraction(value, error, match):
+    model, x = _ladder(), _ladder_input()
+    with pytest.raises(error, match=match):
+        inductor_convbn.memory_efficient(model, x, max_overhead=value)
+
+
+def test_max_overhead_needs_example_inputs():
+    model = _ladder()
+    with pytest.raises(ValueError, match="needs example inputs"):
+        inductor_convbn.memory_efficient(model, max_overhead=0.1)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import _pairs
 from ._modules import FuseError
@@ -169,6 +170,9 @@ class RunPair:
     # The BN's child modules its forward calls after batch_norm, in order.
     after: tuple[str, ...] = ()
     reason: str = ""  # why changing the pair's modules would change the model
+    # The layer's output in the run: what keeping it for backward costs.
+    output_shape: tuple[int, ...] = ()
+    output_itemsize: int = 0
 
     @property
     def frozen(self) -> bool:
@@ -222,6 +226,7 @@ class Run:
     inputs: tuple[Any, ...]
     outputs: list[torch.Tensor]
     buffers: dict[int, tuple[torch.Tensor, torch.Tensor]]  # id -> (buffer, value after)
+    forward_flops: int  # of the run, as torch.utils.flop_counter counts them
     # The same run in float64 (``measure_precision``): what the outputs and buffers should
     # be, against which the recorded ones have their own rounding error.
     exact: tuple[list[torch.Tensor], dict[int, torch.Tensor]] | None = None
@@ -348,7 +353,7 @@ def record_pairs(model: nn.Module, example_inputs: tuple[Any, ...], *, caller: s
             nn.modules.module.register_module_forward_hook(recorder.hook),
         ]
         try:
-            with recorder:
+            with recorder, FlopCounterMode(display=False) as flops:
                 output = model(*example_inputs)
         except Exception as e:
             raise FuseError(
@@ -361,7 +366,13 @@ def record_pairs(model: nn.Module, example_inputs: tuple[Any, ...], *, caller: s
         buffers = {id(b): (b, b.detach().clone()) for b in model.buffers()}
     outputs = _tensors(output)
     pairs = _find(model, recorder, {id(t) for t in outputs})
-    return Run(pairs, tuple(example_inputs), [t.detach().clone() for t in outputs], buffers)
+    return Run(
+        pairs,
+        tuple(example_inputs),
+        [t.detach().clone() for t in outputs],
+        buffers,
+        flops.get_total_flops(),
+    )
 
 
 def _find(model: nn.Module, rec: _Recorder, output_ids: set[int]) -> list[RunPair]:
@@ -406,6 +417,7 @@ def _find(model: nn.Module, rec: _Recorder, output_ids: set[int]) -> list[RunPai
         else:
             continue
         pair.reason = pair.reason or _shared_reason(pair, call, rec, calls, aliases, owners)
+        pair.output_shape, pair.output_itemsize = tuple(y.shape), y.element_size()
         pairs.append(pair)
     return pairs
 

@@ -311,6 +311,9 @@ AFTER_NOT_CHILDREN = (
 )
 MODULE_ALIASED = "the BN module is registered under more than one name"
 IS_ROOT = "the BN is the model itself"
+OVER_BUDGET = (
+    "over the time budget (max_overhead): pairs that save more bytes per FLOP recomputed took it"
+)
 CHANGED_OUTPUTS = "the changed model did not compute what the model did on the example inputs"
 # Why the training layer leaves a pair as it is.
 NOT_A_CONV = "the layer is not an nn.Conv1d/2d/3d: there is no fused training layer for it"

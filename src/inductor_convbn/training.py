@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import _dataflow, _pairs
+from . import _budget, _dataflow, _pairs
 from ._fold import fold_conv_bn_weights
 from ._modules import ModulePair, find_module_pairs, trace
 
@@ -605,14 +605,63 @@ _FUSED_TYPES: dict[type, type[_FusedConvBatchNormNd]] = {
 
 @dataclasses.dataclass
 class MemoryEfficientReport(_pairs.PairTable):
-    """What ``memory_efficient()`` found: each conv -> BN pair, fused or why not."""
+    """What ``memory_efficient()`` found: each conv -> BN pair, fused or why not.
+
+    With example inputs, each pair's estimate too (``costs``, by conv path): the bytes its
+    fused layer keeps out of memory until backward and the FLOPs it adds there, on those
+    inputs; ``estimated_overhead`` is what the fused pairs add to a training step's FLOPs.
+    """
 
     done = _pairs.FUSED
     title = "inductor_convbn.memory_efficient"
+    costs: dict[str, _budget.PairCost] = dataclasses.field(default_factory=dict)
+    step_flops: int | None = None  # of a training step on the example inputs
+    max_overhead: float | None = None
 
     @property
     def fused(self) -> int:
         return self._done_count()
+
+    @property
+    def estimated_saved_bytes(self) -> int:
+        """Bytes the fused pairs keep out of memory until backward, on the example inputs."""
+        return sum(self.costs[p.conv].saved_bytes for p in self._fused_with_costs())
+
+    @property
+    def estimated_overhead(self) -> float | None:
+        """The fused pairs' recomputation as a fraction of a training step's FLOPs."""
+        if not self.step_flops:
+            return None
+        added = sum(self.costs[p.conv].recompute_flops for p in self._fused_with_costs())
+        return added / self.step_flops
+
+    def _fused_with_costs(self) -> list[_pairs.PairReport]:
+        return [p for p in self.pair_reports if p.status == self.done and p.conv in self.costs]
+
+    def __str__(self) -> str:
+        head = f"{self.title}: {self.done} {self.fused} of {self.pairs} conv->bn pairs"
+        overhead = self.estimated_overhead
+        if overhead is not None:
+            budget = "" if self.max_overhead is None else f"max_overhead={self.max_overhead:g}; "
+            head += (
+                f" ({budget}estimated on the example inputs: "
+                f"{_mib(self.estimated_saved_bytes)} less at the end of forward, "
+                f"+{overhead:.1%} step FLOPs)"
+            )
+        rows = [self._with_cost(p) for p in self.pair_reports]
+        return _pairs.format_pairs(head, rows)
+
+    def _with_cost(self, p: _pairs.PairReport) -> _pairs.PairReport:
+        cost = self.costs.get(p.conv)
+        if cost is None or not self.step_flops:
+            return p
+        share = cost.recompute_flops / self.step_flops
+        status = f"{p.status} [{_mib(cost.saved_bytes)}, +{share:.1%}]"
+        return dataclasses.replace(p, status=status)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 _REPORT_ATTRIBUTE = "_inductor_convbn_memory_efficient"
@@ -643,7 +692,12 @@ class _OriginalStateDictKeys:
                 state_dict[prefix + converted] = state_dict.pop(prefix + original)
 
 
-def memory_efficient(model: nn.Module, *example_inputs: Any, inplace: bool = False) -> nn.Module:
+def memory_efficient(
+    model: nn.Module,
+    *example_inputs: Any,
+    inplace: bool = False,
+    max_overhead: float | None = None,
+) -> nn.Module:
     """Swap each conv -> BatchNorm pair of ``model`` for a ``FusedConvBatchNorm{1,2,3}d``.
 
     Pairs are found by dataflow: a conv module whose only user is a BatchNorm module of the
@@ -656,10 +710,17 @@ def memory_efficient(model: nn.Module, *example_inputs: Any, inplace: bool = Fal
     more and must compute what the model did (outputs and running statistics); a swap
     that does not is undone and reported.
 
+    ``max_overhead``: the extra training-step time to spend, as a fraction of the step
+    (``0.1``: at most 10% more), estimated from FLOPs on the example inputs (needed). The
+    pairs that save the most bytes per FLOP recomputed are fused first, as long as their
+    recomputation stays within it; the others are kept, and the report says so. ``None``
+    (the default) fuses every pair.
+
     The fused layer takes the conv's place and an ``nn.Identity`` the BN's; both modules'
     tensors live on inside it, so the parameters are the same tensors, and the model's
     ``state_dict`` keeps its original keys. ``memory_efficient_report(model)`` lists every
-    pair and why any was left as it was.
+    pair and why any was left as it was, with each pair's estimated bytes and FLOPs when
+    there are example inputs.
 
     Works on a deep copy unless ``inplace``; the model's class and forward are kept.
     Raises ``inductor_convbn.fx.FuseError`` when ``torch.fx`` cannot trace the model (no
@@ -667,6 +728,16 @@ def memory_efficient(model: nn.Module, *example_inputs: Any, inplace: bool = Fal
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"memory_efficient() takes an nn.Module, got {type(model).__name__}")
+    if max_overhead is not None:
+        if isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float)):
+            raise TypeError(f"max_overhead is a fraction of the step, got {max_overhead!r}")
+        if not max_overhead >= 0:  # also NaN
+            raise ValueError(f"max_overhead must be 0 or more, got {max_overhead}")
+        if not example_inputs:
+            raise ValueError(
+                "max_overhead needs example inputs, memory_efficient(model, x, "
+                "max_overhead=...): the costs come from the convs' shapes on them"
+            )
     target = model if inplace else _copy(model)
     gm: torch.fx.GraphModule | None = None
     if not example_inputs:
@@ -687,8 +758,10 @@ def memory_efficient(model: nn.Module, *example_inputs: Any, inplace: bool = Fal
         target.__dict__["_inductor_convbn_keys"] = keys
         target._register_state_dict_hook(keys.save)
         target._register_load_state_dict_pre_hook(keys.load)
-    reports = _swap_traced(target, gm, keys) if gm is not None else _swap_found(target, run, keys)
-    report = MemoryEfficientReport(reports)
+    if gm is not None:
+        report = MemoryEfficientReport(_swap_traced(target, gm, keys))
+    else:
+        report = _swap_found(target, run, keys, max_overhead)
     target.__dict__[_REPORT_ATTRIBUTE] = report
     return target
 
@@ -708,19 +781,42 @@ def _swap_traced(
 
 
 def _swap_found(
-    target: nn.Module, run: _dataflow.Run, keys: _OriginalStateDictKeys
-) -> list[_pairs.PairReport]:
-    """Swap the pairs found in a run of ``target``, keeping those that compute what it did."""
-    reasons = {id(p): _reason_not_to_swap_run(p) for p in run.pairs}
-    eligible = [p for p in run.pairs if not reasons[id(p)]]
+    target: nn.Module,
+    run: _dataflow.Run,
+    keys: _OriginalStateDictKeys,
+    max_overhead: float | None,
+) -> MemoryEfficientReport:
+    """Swap the pairs found in a run of ``target`` (within ``max_overhead``), keeping those
+    that compute what it did."""
+    statuses: dict[int, tuple[str, str]] = {}  # pair id -> (status, reason)
+    for p in run.pairs:
+        reason = _reason_not_to_swap_run(p)
+        statuses[id(p)] = (_pairs.SKIPPED, reason) if reason else (_pairs.FUSED, "")
+    costs = {p.conv: _pair_cost(p) for p in run.pairs if isinstance(p.layer_module, _ConvTypes)}
+    step = _budget.step_flops(run.forward_flops)
+    eligible = [p for p in run.pairs if statuses[id(p)][0] == _pairs.FUSED]
+    if max_overhead is not None:
+        chosen, _ = _budget.choose_within_budget(
+            [costs[p.conv] for p in eligible], step, max_overhead
+        )
+        for i, pair in enumerate(eligible):
+            if i not in chosen:
+                statuses[id(pair)] = (_pairs.KEPT, _pairs.OVER_BUDGET)
+        eligible = [p for i, p in enumerate(eligible) if i in chosen]
     for pair in _dataflow.apply_checked(
         target, run, eligible, lambda p: _swap_run(target, p, keys)
     ):
-        reasons[id(pair)] = _pairs.CHANGED_OUTPUTS
-    return [
-        p.report(_pairs.SKIPPED if reasons[id(p)] else _pairs.FUSED, reasons[id(p)])
-        for p in run.pairs
-    ]
+        statuses[id(pair)] = (_pairs.SKIPPED, _pairs.CHANGED_OUTPUTS)
+    reports = [p.report(*statuses[id(p)]) for p in run.pairs]
+    return MemoryEfficientReport(reports, costs, step or None, max_overhead)
+
+
+_ConvTypes = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _pair_cost(pair: _dataflow.RunPair) -> _budget.PairCost:
+    weight = cast(nn.modules.conv._ConvNd, pair.layer_module).weight
+    return _budget.conv_cost(weight.shape, pair.output_shape, pair.output_itemsize)
 
 
 def _copy(model: nn.Module) -> nn.Module:
