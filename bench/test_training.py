@@ -17,7 +17,6 @@ per-round ratios to the plain variant of the same mode.
 from __future__ import annotations
 
 import copy
-import gc
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +28,7 @@ from torch import nn
 import inductor_convbn
 from inductor_convbn import _compat, _harness
 from inductor_convbn.testing import randomize_batch_norm
+from trainer import Trainer, gradients
 from variants import ratio_stats
 
 torchvision = pytest.importorskip("torchvision")
@@ -68,64 +68,18 @@ def _compile(model: nn.Module, *, plugin: bool = False, **config: Any) -> Callab
     return _harness.compile_variant(model, plugin=plugin, config=config)
 
 
-class _Trainer:
-    """One variant: a model copy, its optimizer, and a training step."""
-
-    def __init__(self, model: nn.Module, forward: Callable[..., Any], dtype: str) -> None:
-        self.model = model
-        self.forward = forward
-        self.autocast = dtype == "bfloat16"
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        self.memory: dict[str, float] = {}
-
-    def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.autocast):
-            out = self.forward(x)
-        return nn.functional.cross_entropy(out.float(), target)
-
-    def step(self, x: torch.Tensor, target: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.loss(x, target).backward()
-        self.optimizer.step()
-
-    def measure_memory(self, x: torch.Tensor, target: torch.Tensor) -> None:
-        """MiB beyond the model and optimizer state: at the end of forward, and at peak."""
-        if x.device.type != "cuda":
-            return
-        self.optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss = self.loss(x, target)
-        torch.cuda.synchronize()
-        after_forward = torch.cuda.memory_allocated() - base
-        loss.backward()
-        self.optimizer.step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        self.memory = {"after_forward_mib": after_forward / 2**20, "peak_mib": peak / 2**20}
-
-
-def _build(name: str, model: nn.Module, dtype: str) -> _Trainer:
+def _build(name: str, model: nn.Module, dtype: str) -> Trainer:
     mode, _, kind = name.partition("+")
     model = copy.deepcopy(model)
     if kind == "fused":
         model = inductor_convbn.memory_efficient(model, inplace=True)
     if mode == "eager":
-        return _Trainer(model, model, dtype)
+        return Trainer(model, model, dtype)
     if kind == "plugin":
-        return _Trainer(model, _compile(model, plugin=True), dtype)
+        return Trainer(model, _compile(model, plugin=True), dtype)
     if kind == "efficient_conv_bn_eval":
-        return _Trainer(model, _compile(model, efficient_conv_bn_eval_fx_passes=True), dtype)
-    return _Trainer(model, _compile(model), dtype)
-
-
-def _gradients(trainer: _Trainer, x: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss = trainer.loss(x, target)
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-    return [loss.detach(), *torch.autograd.grad(loss, params)]
+        return Trainer(model, _compile(model, efficient_conv_bn_eval_fx_passes=True), dtype)
+    return Trainer(model, _compile(model), dtype)
 
 
 def _run(benchmark, request, config, names: list[str], frozen: bool) -> None:
@@ -150,11 +104,11 @@ def _run(benchmark, request, config, names: list[str], frozen: bool) -> None:
     with _harness.tf32_off():
         trainers = {name: _build(name, model, dtype) for name in names}
         rtol, atol = TOLERANCES[dtype]
-        expected = _gradients(trainers["eager"], x, target)
+        expected = gradients(trainers["eager"], x, target)
         max_error = {}
         for name, trainer in trainers.items():
             # The first step compiles; every variant starts from the same weights.
-            actual = _gradients(trainer, x, target)
+            actual = gradients(trainer, x, target)
             torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=name)
             max_error[name] = max(
                 float((a - e).abs().max()) for a, e in zip(actual, expected, strict=True)

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = [
     "CONFIG_IS_THREAD_LOCAL",
+    "activation_memory_budget",
     "CustomGraphPass",
     "FakeTensorMode",
     "Match",
@@ -319,6 +320,19 @@ def aoti_package_functions() -> tuple[Callable[..., Any], Callable[..., Any]]:
             "(torch._inductor.aoti_compile_and_package / aoti_load_package)"
         )
     return build, load
+
+
+def activation_memory_budget(budget: float) -> contextlib.AbstractContextManager[Any]:
+    """AOT autograd's partitioner under torch's own activation-memory budget (a fraction of
+    what the default partitioner saves; torch >= 2.4: ``torch._functorch.config``), for the
+    benchmarks that compare it with ``memory_efficient(..., max_overhead=...)``."""
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "activation_memory_budget"):
+        raise RuntimeError(
+            f"torch {torch.__version__} has no torch._functorch.config.activation_memory_budget"
+        )
+    return functorch_config.patch(activation_memory_budget=budget)
 
 
 def dynamo_reset() -> None:
