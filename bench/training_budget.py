@@ -34,7 +34,18 @@ from inductor_convbn.testing import randomize_batch_norm  # noqa: E402
 from trainer import Trainer, gradients  # noqa: E402
 from variants import ratio_stats  # noqa: E402
 
-TOLERANCES = {"float32": (2e-3, 2e-3), "bfloat16": (1e-1, 1e-1)}
+# The largest relative error (norm of the difference over the norm) of the loss or of any
+# gradient against the plain eager step. Element-wise tolerances do not fit: in a deep model
+# with random BN statistics, a conv algorithm's rounding moves single gradient elements far
+# (ResNet50 fp32: plain torch.compile itself is outside rtol=atol=2e-3 of eager).
+TOLERANCES = {"float32": 1e-3, "bfloat16": 5e-2}
+
+
+def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    return max(
+        float((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30))
+        for a, e in zip(actual, expected, strict=True)
+    )
 
 
 def _compiled(model: torch.nn.Module, torch_budget: float | None = None) -> Any:
@@ -114,14 +125,15 @@ def main() -> None:
         expected = gradients(Trainer(eager, eager, args.dtype), x, target)
         del eager
         trainers, infos, errors = {}, {}, {}
-        rtol, atol = TOLERANCES[args.dtype]
         for name in names:
             trainer, infos[name] = build(name, model, x, args.mode, args.dtype)
             actual = gradients(trainer, x, target)  # the first call compiles
-            torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=name)
-            errors[name] = max(
-                float((a - e).abs().max()) for a, e in zip(actual, expected, strict=True)
-            )
+            errors[name] = relative_error(actual, expected)
+            if not errors[name] <= TOLERANCES[args.dtype]:
+                raise AssertionError(
+                    f"{name}: the first step's loss or gradients are {errors[name]:.2e} off "
+                    f"the plain eager step's (relative), beyond {TOLERANCES[args.dtype]:g}"
+                )
             for _ in range(2):
                 trainer.step(x, target)
             trainer.measure_memory(x, target)
@@ -143,7 +155,7 @@ def main() -> None:
     for name, times in per_step.items():
         memory = trainers[name].memory
         summary[name] = {**ratio_stats(times, per_step["plain"]), **memory, **infos[name]}
-        summary[name]["max_abs_error_first_step"] = errors[name]
+        summary[name]["relative_error_first_step"] = errors[name]
         if plain:
             for key in ("after_forward_mib", "peak_mib"):
                 summary[name][key.replace("_mib", "_ratio")] = memory[key] / plain[key]
@@ -171,8 +183,8 @@ def table(result: dict[str, Any]) -> str:
         f"{result['mode']}** ({result['device']}, torch {result['torch']})",
         "",
         "| variant | fused | est. overhead | ms/step | step ratio (range) "
-        "| MiB end of fwd (ratio) | peak MiB (ratio) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| MiB end of fwd (ratio) | peak MiB (ratio) | grad error |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in result["summary"].items():
         fused = f"{s['fused']}/{s['pairs']}" if "fused" in s else "-"
@@ -185,7 +197,8 @@ def table(result: dict[str, Any]) -> str:
         )
         rows.append(
             f"| {name} | {fused} | {estimate} | {s['median_s'] * 1e3:.1f} | {s['ratio']:.3f} "
-            f"({s['ratio_min']:.2f}-{s['ratio_max']:.2f}) | {memory} |"
+            f"({s['ratio_min']:.2f}-{s['ratio_max']:.2f}) | {memory} | "
+            f"{s['relative_error_first_step']:.1e} |"
         )
     return "\n".join(rows)
 
