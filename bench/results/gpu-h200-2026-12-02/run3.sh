@@ -5,12 +5,13 @@
 set -uo pipefail
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 B=bench/training_budget.py
+EXTRA=${EXTRA:-}
 DTYPES=${1:-float32}
 EAGER_MODELS=${2:-resnet50 resnet18}
 EAGER_DTYPES=${3:-float32 bfloat16}
 if [ "$EAGER_MODELS" != none ]; then
   for m in $EAGER_MODELS; do for b in 256 64; do for d in $EAGER_DTYPES; do
-    timeout 100 python3 $B --model $m --batch-size $b --dtype $d --mode eager \
+    timeout 100 python3 $B $EXTRA --model $m --batch-size $b --dtype $d --mode eager \
       --json "$OUT/$m-$b-$d-eager.json" > "$OUT/log-$m-$b-$d-eager.txt" 2>&1 \
       || echo "$m $b $d eager failed: $(tail -2 "$OUT/log-$m-$b-$d-eager.txt")"
   done; done; done
