@@ -34,11 +34,14 @@ from inductor_convbn.testing import randomize_batch_norm  # noqa: E402
 from trainer import Trainer, gradients  # noqa: E402
 from variants import ratio_stats  # noqa: E402
 
-# The largest relative error (norm of the difference over the norm) of the loss or of any
-# gradient against the plain eager step. Element-wise tolerances do not fit: in a deep model
-# with random BN statistics, a conv algorithm's rounding moves single gradient elements far
-# (ResNet50 fp32: plain torch.compile itself is outside rtol=atol=2e-3 of eager).
+# Each variant's first step (loss and gradients) is judged against the same step in float64,
+# by the largest relative error (norm of the difference over the norm) of any of them, next to
+# the plain eager step's own: a deep model's training step is ill-conditioned, and float32
+# eager itself is off float64 by up to 2.6% in ResNet50's BN gradients (CPU, batch 16), so
+# two float32 implementations differ by as much. A variant may be off by twice eager's own
+# error plus the dtype's tolerance.
 TOLERANCES = {"float32": 1e-3, "bfloat16": 5e-2}
+OWN_ERROR_MARGIN = 2
 
 
 def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
@@ -130,18 +133,23 @@ def main() -> None:
         names = [n for n in names if n in args.only]
 
     with _harness.tf32_off():
+        exact_model = copy.deepcopy(model).double().to(memory_format=torch.contiguous_format)
+        exact_x = x.double().contiguous()
+        exact = gradients(Trainer(exact_model, exact_model, "float32"), exact_x, target)
+        del exact_model, exact_x
         eager = copy.deepcopy(model)
-        expected = gradients(Trainer(eager, eager, args.dtype), x, target)
+        own = relative_error(gradients(Trainer(eager, eager, args.dtype), x, target), exact)
         del eager
+        allowed = OWN_ERROR_MARGIN * own + TOLERANCES[args.dtype]
         trainers, infos, errors = {}, {}, {}
         for name in names:
             trainer, infos[name] = build(name, model, x, args.mode, args.dtype)
             actual = gradients(trainer, x, target)  # the first call compiles
-            errors[name] = relative_error(actual, expected)
-            if not errors[name] <= TOLERANCES[args.dtype]:
+            errors[name] = relative_error(actual, exact)
+            if not errors[name] <= allowed:
                 raise AssertionError(
                     f"{name}: the first step's loss or gradients are {errors[name]:.2e} off "
-                    f"the plain eager step's (relative), beyond {TOLERANCES[args.dtype]:g}"
+                    f"float64's (relative); plain eager is {own:.2e} off; allowed {allowed:.2e}"
                 )
             for _ in range(2):
                 trainer.step(x, target)
@@ -176,6 +184,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "random_bn": args.random_bn,
+        "eager_relative_error_vs_float64": own,
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "summary": summary,
@@ -193,7 +202,7 @@ def table(result: dict[str, Any]) -> str:
         f"{result['mode']}** ({result['device']}, torch {result['torch']})",
         "",
         "| variant | fused | est. overhead | ms/step | step ratio (range) "
-        "| MiB end of fwd (ratio) | peak MiB (ratio) | grad error |",
+        "| MiB end of fwd (ratio) | peak MiB (ratio) | grad error vs fp64 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in result["summary"].items():
