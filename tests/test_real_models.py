@@ -140,8 +140,15 @@ def test_folded_model_exports(name):
     model = _build(name).eval()
     x = _x(batch=1)
     exported = torch.export.export(fx.fold_modules(model, x), (x,))
+    # Judged against the export of the model itself: on torch 2.6, exporting YOLOv8n
+    # unfolded already moves one output by 4e-3 of its scale (the fold adds 3e-7). Run
+    # once first, as fold_modules ran it: YOLO's head caches its anchors on a first call.
     with torch.no_grad():
-        for a, b in zip(_leaves(exported.module()(x)), _leaves(model(x)), strict=True):
+        model(x)
+    plain = torch.export.export(model, (x,))
+    with torch.no_grad():
+        outputs = zip(_leaves(exported.module()(x)), _leaves(plain.module()(x)), strict=True)
+        for a, b in outputs:
             _assert_close(a, b, 1e-4, name)
 
 
