@@ -29,7 +29,7 @@ import inductor_convbn
 from inductor_convbn import _compat, _harness
 from inductor_convbn.testing import randomize_batch_norm
 from trainer import Trainer, gradients
-from variants import ratio_stats
+from variants import ratio_stats, sync
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -125,11 +125,11 @@ def _run(benchmark, request, config, names: list[str], frozen: bool) -> None:
             order = names[done % len(names) :] + names[: done % len(names)]
             for name in order:
                 trainer = trainers[name]
-                _sync(x.device)
+                sync(x.device)
                 start = time.perf_counter()
                 for _ in range(steps):
                     trainer.step(x, target)
-                _sync(x.device)
+                sync(x.device)
                 per_step[name].append((time.perf_counter() - start) / steps)
 
         benchmark.pedantic(one_round, rounds=rounds, iterations=1)
@@ -157,11 +157,6 @@ def _run(benchmark, request, config, names: list[str], frozen: bool) -> None:
         }
     )
     _print_table(benchmark.extra_info)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _print_table(info: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ import inductor_convbn  # noqa: E402
 from inductor_convbn import _compat, _harness, _pass  # noqa: E402
 from inductor_convbn.testing import randomize_batch_norm  # noqa: E402
 from trainer import Trainer, gradients  # noqa: E402
-from variants import ratio_stats  # noqa: E402
+from variants import ratio_stats, sync  # noqa: E402
 
 # Each variant's first step (loss and gradients) is judged against the same step in float64,
 # by the largest relative error (norm of the difference over the norm) of any of them, next to
@@ -158,11 +158,11 @@ def main() -> None:
         per_step: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     trainers[name].step(x, target)
-                _sync(device)
+                sync(device)
                 per_step[name].append((time.perf_counter() - start) / args.steps)
 
     if "plain" not in trainers:
@@ -220,11 +220,6 @@ def table(result: dict[str, Any]) -> str:
             f"{s['relative_error_first_step']:.1e} |"
         )
     return "\n".join(rows)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def _fx_module() -> Any:
     return fx
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -188,14 +188,14 @@ def prepare(
         graphs_before = _compat.counters["stats"]["unique_graphs"]
         try:
             run = factory()
-            _sync(x.device)
+            sync(x.device)
             start = time.perf_counter()
             out = run(x)
-            _sync(x.device)
+            sync(x.device)
             first = time.perf_counter() - start
             start = time.perf_counter()
             out = run(x)
-            _sync(x.device)
+            sync(x.device)
             warm = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - reported in the results, by design
             dropped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -230,11 +230,11 @@ def time_interleaved(
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             run = variants[name].run
-            _sync(x.device)
+            sync(x.device)
             start = time.perf_counter()
             for _ in range(calls):
                 run(x)
-            _sync(x.device)
+            sync(x.device)
             per_call[name].append((time.perf_counter() - start) / calls)
     return per_call
 

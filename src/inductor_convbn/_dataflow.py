@@ -226,7 +226,8 @@ class Run:
     inputs: tuple[Any, ...]
     outputs: list[torch.Tensor]
     buffers: dict[int, tuple[torch.Tensor, torch.Tensor]]  # id -> (buffer, value after)
-    forward_flops: int  # of the run, as torch.utils.flop_counter counts them
+    # Of the run, as torch.utils.flop_counter counts them; None where not asked for.
+    forward_flops: int | None
     # The same run in float64 (``measure_precision``): what the outputs and buffers should
     # be, against which the recorded ones have their own rounding error.
     exact: tuple[list[torch.Tensor], dict[int, torch.Tensor]] | None = None
@@ -342,9 +343,12 @@ def _restored(model: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-def record_pairs(model: nn.Module, example_inputs: tuple[Any, ...], *, caller: str) -> Run:
+def record_pairs(
+    model: nn.Module, example_inputs: tuple[Any, ...], *, caller: str, count_flops: bool = False
+) -> Run:
     """Run ``model`` once on ``example_inputs`` (no lasting change to its state) and find its
-    pairs. ``FuseError`` when the model does not run on them."""
+    pairs, counting the run's FLOPs if ``count_flops``. ``FuseError`` when the model does
+    not run on them."""
     constants = {id(t) for t in (*model.parameters(), *model.buffers())}
     recorder = _Recorder(constants)
     with _restored(model):
@@ -353,7 +357,8 @@ def record_pairs(model: nn.Module, example_inputs: tuple[Any, ...], *, caller: s
             nn.modules.module.register_module_forward_hook(recorder.hook),
         ]
         try:
-            with recorder, FlopCounterMode(display=False) as flops:
+            counter = FlopCounterMode(display=False) if count_flops else None
+            with recorder, counter or contextlib.nullcontext():
                 output = model(*example_inputs)
         except Exception as e:
             raise FuseError(
@@ -371,7 +376,7 @@ def record_pairs(model: nn.Module, example_inputs: tuple[Any, ...], *, caller: s
         tuple(example_inputs),
         [t.detach().clone() for t in outputs],
         buffers,
-        flops.get_total_flops(),
+        None if counter is None else counter.get_total_flops(),
     )
 
 

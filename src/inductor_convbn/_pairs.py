@@ -311,9 +311,7 @@ AFTER_NOT_CHILDREN = (
 )
 MODULE_ALIASED = "the BN module is registered under more than one name"
 IS_ROOT = "the BN is the model itself"
-OVER_BUDGET = (
-    "over the time budget (max_overhead): pairs that save more bytes per FLOP recomputed took it"
-)
+OVER_BUDGET = "over the time budget: max_overhead went to pairs saving more bytes per FLOP"
 CHANGED_OUTPUTS = "the changed model did not compute what the model did on the example inputs"
 # Why the training layer leaves a pair as it is.
 NOT_A_CONV = "the layer is not an nn.Conv1d/2d/3d: there is no fused training layer for it"
@@ -486,8 +484,13 @@ class PairTable:
         return sum(p.status == self.done for p in self.pair_reports)
 
     def __str__(self) -> str:
-        head = f"{self.title}: {self.done} {self._done_count()} of {self.pairs} conv->bn pairs"
-        return format_pairs(head, self.pair_reports)
+        return format_pairs(self._head(), self._rows())
+
+    def _head(self) -> str:
+        return f"{self.title}: {self.done} {self._done_count()} of {self.pairs} conv->bn pairs"
+
+    def _rows(self) -> Sequence[PairReport]:
+        return self.pair_reports
 
 
 def format_pairs(head: str, pair_reports: Sequence[PairReport]) -> str:

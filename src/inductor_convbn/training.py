@@ -638,18 +638,20 @@ class MemoryEfficientReport(_pairs.PairTable):
     def _fused_with_costs(self) -> list[_pairs.PairReport]:
         return [p for p in self.pair_reports if p.status == self.done and p.conv in self.costs]
 
-    def __str__(self) -> str:
-        head = f"{self.title}: {self.done} {self.fused} of {self.pairs} conv->bn pairs"
+    def _head(self) -> str:
+        head = super()._head()
         overhead = self.estimated_overhead
-        if overhead is not None:
-            budget = "" if self.max_overhead is None else f"max_overhead={self.max_overhead:g}; "
-            head += (
-                f" ({budget}estimated on the example inputs: "
-                f"{_mib(self.estimated_saved_bytes)} less at the end of forward, "
-                f"+{overhead:.1%} step FLOPs)"
-            )
-        rows = [self._with_cost(p) for p in self.pair_reports]
-        return _pairs.format_pairs(head, rows)
+        if overhead is None:
+            return head
+        budget = "" if self.max_overhead is None else f"max_overhead={self.max_overhead:g}; "
+        return (
+            f"{head} ({budget}estimated on the example inputs: "
+            f"{_mib(self.estimated_saved_bytes)} less at the end of forward, "
+            f"+{overhead:.1%} step FLOPs)"
+        )
+
+    def _rows(self) -> list[_pairs.PairReport]:
+        return [self._with_cost(p) for p in self.pair_reports]
 
     def _with_cost(self, p: _pairs.PairReport) -> _pairs.PairReport:
         cost = self.costs.get(p.conv)
@@ -751,7 +753,9 @@ def memory_efficient(
             ),
         )
     else:
-        run = _dataflow.record_pairs(target, example_inputs, caller="memory_efficient()")
+        run = _dataflow.record_pairs(
+            target, example_inputs, caller="memory_efficient()", count_flops=True
+        )
     keys = target.__dict__.get("_inductor_convbn_keys")
     if keys is None:
         keys = _OriginalStateDictKeys()
@@ -792,7 +796,9 @@ def _swap_found(
     for p in run.pairs:
         reason = _reason_not_to_swap_run(p)
         statuses[id(p)] = (_pairs.SKIPPED, reason) if reason else (_pairs.FUSED, "")
-    costs = {p.conv: _pair_cost(p) for p in run.pairs if isinstance(p.layer_module, _ConvTypes)}
+    convs = tuple(_FUSED_TYPES)
+    costs = {p.conv: _pair_cost(p) for p in run.pairs if isinstance(p.layer_module, convs)}
+    assert run.forward_flops is not None  # counted: memory_efficient asked for them
     step = _budget.step_flops(run.forward_flops)
     eligible = [p for p in run.pairs if statuses[id(p)][0] == _pairs.FUSED]
     if max_overhead is not None:
@@ -809,9 +815,6 @@ def _swap_found(
         statuses[id(pair)] = (_pairs.SKIPPED, _pairs.CHANGED_OUTPUTS)
     reports = [p.report(*statuses[id(p)]) for p in run.pairs]
     return MemoryEfficientReport(reports, costs, step or None, max_overhead)
-
-
-_ConvTypes = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _pair_cost(pair: _dataflow.RunPair) -> _budget.PairCost:
