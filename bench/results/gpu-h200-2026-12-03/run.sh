@@ -14,7 +14,7 @@ for b in 256 64; do
     || echo "resnet50 $b float32 eager failed: $(tail -2 "$OUT/log-resnet50-$b-float32-eager.txt")"
 done
 # Not timed from here until the timed run below.
-timeout 330 python3 bench/zoo_gpu.py --out "$OUT/zoo" --workers 8 --deadline 320 --modes freezing \
+timeout 250 python3 bench/zoo_gpu.py --out "$OUT/zoo" --workers 8 --deadline 240 --modes freezing \
   --models efficientnet_b6 efficientnet_b7 efficientnet_v2_l convnext_large regnet_y_128gf vit_h_14 \
   > "$OUT/zoo.txt" 2>&1 &
 ZOO=$!
