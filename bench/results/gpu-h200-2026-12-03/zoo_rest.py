@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "bench/results/gpu-h200-2026-12-01-round4"))
 import run_missing  # noqa: E402
+
 import zoo_gpu  # noqa: E402
 
 
@@ -27,14 +28,21 @@ def missing() -> list[tuple[str, str, str]]:
     for f in (ROOT / "bench/results").glob("gpu-h200-*/**/*.jsonl"):
         for line in f.read_text().splitlines():
             r = json.loads(line)
-            if r.get("device", "cuda") == "cuda" and "mode" in r and "result" in r \
-                    and not r["result"].startswith("ERROR"):
+            if (
+                r.get("device", "cuda") == "cuda"
+                and "mode" in r
+                and "result" in r
+                and not r["result"].startswith("ERROR")
+            ):
                 done.add((r["model"], r["dtype"], r["mode"]))
     names = list(zoo_gpu._zoo().ZOO)
     rank = {m: i for i, m in enumerate(run_missing.ORDER)}
     by_size = sorted(names, key=lambda m: (rank.get(m, -1), names.index(m)))
     todo = []
-    for mode, dtypes in (("freezing", zoo_gpu.DTYPES), ("always", ("bfloat16", "float32", "float16"))):
+    for mode, dtypes in (
+        ("freezing", zoo_gpu.DTYPES),
+        ("always", ("bfloat16", "float32", "float16")),
+    ):
         todo += [(m, d, mode) for m in by_size for d in dtypes if (m, d, mode) not in done]
     return todo
 
