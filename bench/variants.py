@@ -33,6 +33,7 @@ class Variant:
     compile_s: float = 0.0  # first call, compile included, minus one warm call
     folded: int = 0  # pairs the plugin folded while compiling this variant
     kept: int = 0  # pairs the plugin kept (auto policy)
+    cudnn_fused: int = 0  # convs the plugin handed to cuDNN's fused convolution
 
 
 def fold_offline(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
@@ -214,6 +215,7 @@ def prepare(
             compile_s=max(first - warm, 0.0),
             folded=delta[_decide.COUNTER_FOLDED],
             kept=delta[_decide.COUNTER_KEPT],
+            cudnn_fused=delta[_decide.COUNTER_CUDNN_FUSED],
         )
     return variants, dropped
 

@@ -36,6 +36,7 @@ def _clean_global_state():
         _compat.dynamo_reset()
         _compat.counters.clear()
         _decide.take_decisions()
+        _decide.take_fusions()
         try:
             yield
         finally:

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = [
     "CONFIG_IS_THREAD_LOCAL",
+    "FIXED_STRIDE_ORDER_TAG",
     "activation_memory_budget",
     "CustomGraphPass",
     "FakeTensorMode",
@@ -43,6 +44,7 @@ __all__ = [
     "compile_fx",
     "counters",
     "dynamo_reset",
+    "fake_mode_of",
     "frozen_parameters",
     "get_hash_for_files",
     "inductor_config",
@@ -376,3 +378,19 @@ def run_before_ddp_split(hook: Callable[[torch.fx.GraphModule], None]) -> None:
 
         DDPOptimizer.compile_fn = compile_fn  # type: ignore[method-assign]
     _before_ddp_split.append(hook)
+
+
+# The tag that has Inductor hand a custom op its inputs in the stride order of the traced
+# graph (torch >= 2.4).
+FIXED_STRIDE_ORDER_TAG = getattr(torch.Tag, "needs_fixed_stride_order", None)
+if FIXED_STRIDE_ORDER_TAG is None:
+    raise ImportError(
+        f"inductor_convbn: torch {torch.__version__} has no torch.Tag.needs_fixed_stride_order; "
+        "this torch release is not supported"
+    )
+
+
+def fake_mode_of(t: torch.Tensor | None) -> contextlib.AbstractContextManager[Any]:
+    """The fake mode ``t`` belongs to, entered; a null context for a real tensor."""
+    mode = getattr(t, "fake_mode", None)
+    return mode if mode is not None else contextlib.nullcontext()

@@ -23,6 +23,7 @@ from . import _compat, _pairs
 from ._fold import fold_conv_bn_weights
 
 __all__ = [
+    "COUNTER_CUDNN_FUSED",
     "COUNTER_FOLDED",
     "COUNTER_KEPT",
     "COUNTER_UNSAFE",
@@ -33,6 +34,8 @@ __all__ = [
     "pass_time",
     "per_call_cost",
     "record",
+    "record_fusion",
+    "take_fusions",
     "take_decisions",
     "unsafe_frozen",
     "unsafe_unknown_values",
@@ -54,6 +57,8 @@ STAGES = ("grad", "freezing", "early", "per_call")
 COUNTER_FOLDED = "inductor_convbn_folded"
 COUNTER_KEPT = "inductor_convbn_kept"
 COUNTER_UNSAFE = "inductor_convbn_unsafe"
+# Convs whose bias (+ residual add) + ReLU run inside cuDNN (``_cudnn``).
+COUNTER_CUDNN_FUSED = "inductor_convbn_cudnn_fused"
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -127,6 +132,25 @@ def count_marks(graph: torch.fx.Graph) -> int:
     for counter, _ in marks:
         _compat.counters["inductor"][counter] += 1
     return len(marks)
+
+
+_fusions: list[tuple[str, str]] = []
+
+
+def record_fusion(layer: str, epilogue: str) -> None:
+    """Keep for the verifier, and count, a conv whose ``epilogue`` (what follows the conv:
+    "bias+ReLU", "bias+add+ReLU") now runs inside cuDNN's convolution."""
+    with _decisions_lock:
+        _fusions.append((layer, epilogue))
+    _compat.counters["inductor"][COUNTER_CUDNN_FUSED] += 1
+
+
+def take_fusions() -> list[tuple[str, str]]:
+    """The ``record_fusion`` records since the last call, oldest first."""
+    with _decisions_lock:
+        fusions = list(_fusions)
+        _fusions.clear()
+    return fusions
 
 
 def take_decisions() -> list[Decision]:

@@ -113,6 +113,7 @@ def compile_variant(
     *,
     plugin: bool = True,
     policy: str = "auto",
+    cudnn_fusion: str = "auto",
     dynamic: bool | None = None,
     config: dict[str, Any] | None = None,
     on_graph: Callable[[torch.fx.GraphModule], Callable[[], None] | None] | None = None,
@@ -128,7 +129,9 @@ def compile_variant(
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         undo = on_graph(gm) if on_graph is not None else None
-        plugin_cm = _pass.installed(policy) if plugin else _pass.removed()
+        plugin_cm = (
+            _pass.installed(policy, cudnn_fusion=cudnn_fusion) if plugin else _pass.removed()
+        )
         _announce("compiling")
         try:
             with plugin_cm, _compat.inductor_config.patch(patches):

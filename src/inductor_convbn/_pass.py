@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import _compat, _decide, _pregrad, _registry
+from . import _compat, _cudnn, _decide, _pregrad, _registry
 
 __all__ = [
     "HOOKS",
@@ -60,13 +60,22 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
     ``"per_call"`` does, before those passes rewrite a pair (on CUDA a linear's ``addmm``
     becomes ``mm`` + ``add``). ``"per_call"`` runs on the same graph after them and folds
     what is left, recomputed on every call from the live parameters; ``policy``
-    (``_decide.POLICIES``) says where that pays.
+    (``_decide.POLICIES``) says where that pays. In a frozen graph it then hands each conv
+    + bias (+ residual add) + ReLU on CUDA to cuDNN's fused convolution where that is
+    faster (``_cudnn.fuse``; ``cudnn_fusion`` is one of ``_cudnn.CUDNN_FUSION``).
 
     Being a ``CustomGraphPass`` with a ``uuid()`` keeps Inductor's FX graph cache on: a
     bare function as a custom pass makes every compile bypass the cache.
     """
 
-    def __init__(self, previous: Any = None, *, stage: str = "per_call", policy: str = "auto"):
+    def __init__(
+        self,
+        previous: Any = None,
+        *,
+        stage: str = "per_call",
+        policy: str = "auto",
+        cudnn_fusion: str = "auto",
+    ):
         if isinstance(stage, str) and stage in _OLD_STAGE_NAMES:
             warnings.warn(
                 f"stage {stage!r} is now called {_OLD_STAGE_NAMES[stage]!r}",
@@ -76,9 +85,11 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
             stage = _OLD_STAGE_NAMES[stage]
         _decide.check_choice("stage", stage, _decide.STAGES)
         _decide.check_choice("policy", policy, _decide.POLICIES)
+        _decide.check_choice("cudnn_fusion", cudnn_fusion, _cudnn.CUDNN_FUSION)
         self.previous = previous
         self.stage = stage
         self.policy = policy
+        self.cudnn_fusion = cudnn_fusion
 
     def _chained(self) -> tuple[Callable[[torch.fx.Graph], None], ...]:
         if self.previous is None:
@@ -105,6 +116,7 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
             _registry.fold_per_call(graph, policy=self.policy)
         else:
             _registry.fold_per_call(graph, policy=self.policy)
+            _cudnn.fuse(graph, self.cudnn_fusion)
 
     def uuid(self) -> Any:
         others = []
@@ -115,7 +127,8 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
             if other_uuid is None:
                 return None
             others.append(other_uuid)
-        return (source_hash(), self.stage, self.policy, *others)
+        fusion = (self.cudnn_fusion, *_cudnn.cache_key()) if self.stage == "per_call" else ()
+        return (source_hash(), self.stage, self.policy, *fusion, *others)
 
 
 _lock = threading.RLock()
@@ -127,7 +140,7 @@ _installed_here: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
-def install(policy: str = "auto") -> None:
+def install(policy: str = "auto", *, cudnn_fusion: str = "auto") -> None:
     """Fold conv -> batch_norm in every graph ``torch.compile`` compiles from now on.
 
     ``policy="auto"`` folds every pair when Inductor freezing is on (the folded weights are
@@ -136,22 +149,27 @@ def install(policy: str = "auto") -> None:
     why each other pair was kept. ``policy="always"`` folds every pair that can be folded
     without changing results.
 
-    Idempotent; a second call with another policy switches to it. Passes installed before
+    ``cudnn_fusion`` is for frozen graphs on CUDA (Inductor freezing, AOTInductor): with
+    ``"auto"`` each folded conv whose bias, residual add and ReLU cuDNN can run inside the
+    convolution is timed both ways once, at compile time, and handed to cuDNN where that is
+    faster; ``"always"`` hands every such conv to cuDNN, ``"off"`` none.
+
+    Idempotent; a second call with other options switches to them. Passes installed before
     keep running, before ours. Where torch keeps Inductor's config per thread
     (``_compat.CONFIG_IS_THREAD_LOCAL``), this applies to the calling thread: call it in
     the thread that compiles.
     """
     _decide.check_choice("policy", policy, _decide.POLICIES)
+    _decide.check_choice("cudnn_fusion", cudnn_fusion, _cudnn.CUDNN_FUSION)
     with _lock:
         for stage, field in HOOKS.items():
             current = getattr(_compat.inductor_config, field)
             if isinstance(current, ConvBnFoldPass):
-                if current.policy == policy:
+                if (current.policy, current.cudnn_fusion) == (policy, cudnn_fusion):
                     continue
                 current = current.previous
-            setattr(
-                _compat.inductor_config, field, ConvBnFoldPass(current, stage=stage, policy=policy)
-            )
+            new = ConvBnFoldPass(current, stage=stage, policy=policy, cudnn_fusion=cudnn_fusion)
+            setattr(_compat.inductor_config, field, new)
         _compat.run_before_ddp_split(_fold_before_ddp_split)
         _installed_here.set(policy)
 
@@ -200,26 +218,29 @@ def is_installed() -> bool:
     )
 
 
-def installed_policy() -> str | None:
-    """The policy of the installed passes, None when not installed."""
+def installed_options() -> tuple[str, str] | None:
+    """The installed passes' ``(policy, cudnn_fusion)``, None when not installed."""
     current = getattr(_compat.inductor_config, HOOKS["per_call"])
-    return current.policy if isinstance(current, ConvBnFoldPass) and is_installed() else None
+    if isinstance(current, ConvBnFoldPass) and is_installed():
+        return current.policy, current.cudnn_fusion
+    return None
 
 
 @contextlib.contextmanager
-def installed(policy: str = "auto") -> Iterator[None]:
-    """``install(policy)`` for the duration of a ``with`` block; restores the previous state."""
+def installed(policy: str = "auto", *, cudnn_fusion: str = "auto") -> Iterator[None]:
+    """``install(policy, cudnn_fusion=...)`` for the duration of a ``with`` block; restores
+    the previous state."""
     with _lock:
-        previous_policy = installed_policy()
-        install(policy)
+        previous = installed_options()
+        install(policy, cudnn_fusion=cudnn_fusion)
     try:
         yield
     finally:
         with _lock:
-            if previous_policy is None:
+            if previous is None:
                 uninstall()
             else:
-                install(previous_policy)
+                install(previous[0], cudnn_fusion=previous[1])
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import _compat, _decide, _harness, _pairs
+from . import _compat, _cudnn, _decide, _harness, _pairs
 from ._pairs import FOLDED, KEPT, NOT_MATCHED, SKIPPED, PairReport
 
 __all__ = ["FoldReport", "PairReport", "find_pairs", "verify", "verify_package"]
@@ -73,6 +73,9 @@ class FoldReport(_pairs.PairTable):
     eager_grad_error: float | None = None
     gradients_match: bool | None = None  # None when gradients were not compared
     package: bool = False  # an AOTInductor package (verify_package), not torch.compile
+    # Convs whose bias (+ residual add) + ReLU run inside cuDNN's convolution (``_cudnn``);
+    # each such pair's row says so where the pass ran (not on an FX graph cache hit).
+    cudnn_fused: int = 0
 
     @property
     def missed(self) -> list[str]:
@@ -101,6 +104,8 @@ class FoldReport(_pairs.PairTable):
             if self.eager_grad_error is not None:
                 head += f" vs float64 (eager's own: {self.eager_grad_error:.3g})"
             head += " (within)" if self.gradients_match else " (OUTSIDE)"
+        if self.cudnn_fused:
+            head += f"; {self.cudnn_fused} conv(s) with their epilogue in cuDNN"
         if self.fx_graph_cache_hits:
             head += f"; {self.fx_graph_cache_hits} graph(s) from the FX graph cache"
         return _pairs.format_pairs(head, self.pair_reports)
@@ -258,12 +263,13 @@ def verify(
     freezing: bool | None = None,
     grad: bool = False,
     plain: bool | None = None,
+    cudnn_fusion: str = "auto",
 ) -> FoldReport:
     """Compile a copy of ``model`` with the plugin, run it, and report the folds.
 
     Runs under ``torch.no_grad()`` with TF32 off. ``model`` itself is left as it is.
-    ``policy`` is ``install()``'s. ``freezing`` compiles with Inductor freezing on; by
-    default it is on unless ``grad=True``, as on the command line.
+    ``policy`` and ``cudnn_fusion`` are ``install()``'s. ``freezing`` compiles with
+    Inductor freezing on; by default it is on unless ``grad=True``, as on the command line.
 
     The output is judged against eager with tolerances that default per output dtype
     (``DEFAULT_TOLERANCES``). Outside them, the model is also compiled without the plugin
@@ -280,6 +286,7 @@ def verify(
     """
     _check_model(model, example_inputs, "verify")
     _decide.check_choice("policy", policy, _decide.POLICIES)
+    _decide.check_choice("cudnn_fusion", cudnn_fusion, _cudnn.CUDNN_FUSION)
     for name, value in (("freezing", freezing), ("plain", plain)):
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool or None, got {type(value).__name__} {value!r}")
@@ -297,6 +304,7 @@ def verify(
     # them, so that calls from several threads don't count each other's folds.
     with _verify_lock:
         _decide.take_decisions()
+        _decide.take_fusions()
         before = _compat.counters["inductor"].copy()
         pairs: list[Pair] = []
         with grad_mode(), _harness.tf32_off():
@@ -305,6 +313,7 @@ def verify(
                 candidate,
                 dynamic=dynamic,
                 policy=policy,
+                cudnn_fusion=cudnn_fusion,
                 config=config,
                 on_graph=functools.partial(_count_pairs, pairs),
             )
@@ -320,6 +329,7 @@ def verify(
             )
         delta = _compat.counters["inductor"] - before
         decisions = _decide.take_decisions()
+        fusions = _decide.take_fusions()
 
     def plain_output() -> Any:
         with grad_mode(), _harness.tf32_off():
@@ -337,8 +347,9 @@ def verify(
         )
         outputs_match = outputs_match and grads_match
     return FoldReport(
-        pair_reports=_pair_reports(model, pairs, decisions, delta),
+        pair_reports=_with_fusions(model, _pair_reports(model, pairs, decisions, delta), fusions),
         folded=delta[_decide.COUNTER_FOLDED],
+        cudnn_fused=delta[_decide.COUNTER_CUDNN_FUSED],
         max_abs_error=judged.error,
         outputs_match=outputs_match,
         rtol=rtol,
@@ -423,6 +434,20 @@ def _pair_reports(
         delta[_decide.COUNTER_KEPT],
         delta[_decide.COUNTER_UNSAFE],
     )
+
+
+def _with_fusions(
+    model: torch.nn.Module, reports: list[PairReport], fusions: list[tuple[str, str]]
+) -> list[PairReport]:
+    """Each folded pair whose conv was handed to cuDNN, its reason saying with what. The
+    fused conv carries the module path of the conv or of the BN folded into it."""
+    names = {name for name, _ in model.named_modules()}
+    epilogues = {_pairs.module_name(layer, names): epilogue for layer, epilogue in fusions}
+    for report in reports:
+        epilogue = epilogues.get(report.conv) or epilogues.get(report.bn)
+        if report.status == FOLDED and epilogue:
+            report.reason = f"{report.reason}; {epilogue} in cuDNN's convolution"
+    return reports
 
 
 def verify_package(
