@@ -112,7 +112,16 @@ def test_auto_keeps_what_times_slower(on_cpu, monkeypatch):
     assert len(timed) == 2  # decided before: not timed again
 
 
-def test_transposed_and_unbatched_convs_are_left_alone(on_cpu):
+def test_packages_keep_torch_kernels(on_cpu, monkeypatch):
+    """An AOTInductor package must load where inductor_convbn is not imported."""
+    monkeypatch.setattr(_compat, "aot_compilation", lambda: True)
+    model, x = _random_bn(Block()), torch.randn(2, 8, 10, 10)
+    _, code = _compile_and_run(model, x, "always")
+    assert _decide.take_fusions() == []
+    assert "inductor_convbn.conv_" not in code
+
+
+def test_transposed_convs_are_left_alone(on_cpu):
     model = nn.Sequential(nn.ConvTranspose2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     model = _random_bn(model)
     _compile_and_run(model, torch.randn(2, 4, 6, 6), "always")

@@ -20,7 +20,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -224,7 +224,7 @@ def _eligible_conv(node: Any) -> bool:
 def _candidate(relu: torch.fx.Node) -> _Candidate | None:
     if relu.target is not aten.relu.default:
         return None
-    source = relu.args[0]
+    source: Any = relu.args[0]
     if _eligible_conv(source):
         return _Candidate(relu, source, None)
     if not (
@@ -235,7 +235,8 @@ def _candidate(relu: torch.fx.Node) -> _Candidate | None:
         and source.kwargs.get("alpha", 1) == 1
     ):
         return None
-    for conv, z in (source.args, reversed(source.args)):
+    args: tuple[Any, Any] = tuple(source.args)  # type: ignore[assignment]
+    for conv, z in (args, args[::-1]):
         out, residual = _val(conv), _val(z)
         if (
             _eligible_conv(conv)
@@ -259,7 +260,7 @@ def _constant(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.Tensor | None
 
 def _conv_args(conv: torch.fx.Node) -> tuple[Any, ...]:
     """The fused op's arguments after the input, the weight (and z): bias and hyper-parameters."""
-    _, _, bias, stride, padding, dilation, _, _, groups = conv.args
+    _, _, bias, stride, padding, dilation, _, _, groups = cast(tuple[Any, ...], conv.args)
     return bias, list(stride), list(padding), list(dilation), groups
 
 
@@ -274,9 +275,14 @@ def cache_key() -> tuple[Any, ...]:
 
 def fuse(graph: torch.fx.Graph, mode: str = "auto") -> int:
     """Replace each eligible conv (+ add) + ReLU of a frozen graph with the fused op where
-    ``mode`` says so; returns how many were replaced, recording each for the verifier."""
+    ``mode`` says so; returns how many were replaced, recording each for the verifier.
+
+    Not in AOTInductor packages, which must load without this package's ops.
+    """
     _decide.check_choice("cudnn_fusion", mode, CUDNN_FUSION)
-    if mode == "off" or _compat.is_backward_graph(graph):
+    # An AOTInductor package is loaded where this package may not be imported: it calls
+    # only torch's own kernels.
+    if mode == "off" or _compat.is_backward_graph(graph) or _compat.aot_compilation():
         return 0
     fused = 0
     for node in list(graph.nodes):
@@ -309,7 +315,7 @@ def _replace(graph: torch.fx.Graph, c: _Candidate) -> None:
             new = graph.call_function(CONV_ADD_RELU, (x, w, c.z, *rest))
     vals = [_val(a) if isinstance(a, torch.fx.Node) else a for a in new.args]
     with _compat.fake_mode_of(_val(x)):
-        new.meta["val"] = new.target(*vals)
+        new.meta["val"] = CONV_RELU(*vals) if c.z is None else CONV_ADD_RELU(*vals)
     new.meta["inductor_convbn_fused"] = True
     c.relu.replace_all_uses_with(new)
     epilogue = "bias+add+ReLU" if c.z is not None else "bias+ReLU"
@@ -339,7 +345,7 @@ def _signature(graph: torch.fx.Graph, c: _Candidate) -> tuple[Any, ...]:
         w_stride,
         None if z is None else z.stride(),
         c.conv.args[2] is not None,
-        *(tuple(a) for a in c.conv.args[3:6]),
+        *(tuple(cast(Sequence[int], a)) for a in c.conv.args[3:6]),
         c.conv.args[8],
         cache_key(),
     )
