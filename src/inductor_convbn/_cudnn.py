@@ -246,6 +246,8 @@ def _candidate(relu: torch.fx.Node) -> _Candidate | None:
             and residual.dtype == out.dtype
             and residual.device == out.device
             and _static(residual)
+            # In another layout than the conv's output cuDNN would convert it every call.
+            and _strides_like_channels_last(residual) == _strides_like_channels_last(out)
         ):
             return _Candidate(relu, conv, z)
     return None
@@ -298,15 +300,44 @@ def fuse(graph: torch.fx.Graph, mode: str = "auto") -> int:
     return fused
 
 
+def _input_format(c: _Candidate) -> torch.memory_format:
+    """The layout the fused call computes in: its input's. The weight is made to match
+    (``_weight_in_layout``), so that cuDNN converts neither on any call."""
+    x = _val(c.conv.args[0])
+    assert x is not None
+    if not _strides_like_channels_last(x):
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def _weight_in_layout(graph: torch.fx.Graph, c: _Candidate) -> torch.fx.Node:
+    """The conv's constant weight in the input's layout: its own node where it is, else a
+    new constant, converted once, here. Its meta carries the constant's real strides, or
+    Inductor would copy it on every call to meet the op's fixed stride order."""
+    w = c.conv.args[1]
+    assert isinstance(w, torch.fx.Node)
+    weight, w_val = _constant(graph, w), _val(w)
+    if weight is None or w_val is None:
+        return w
+    fmt = _input_format(c)
+    if memory_format(_val(c.conv.args[0]), weight) == fmt:  # type: ignore[arg-type]
+        if weight.stride() != w_val.stride():
+            w.meta["val"] = w_val.new_empty_strided(weight.shape, weight.stride())
+        return w
+    module = graph.owning_module
+    assert module is not None
+    converted = weight.contiguous(memory_format=fmt)
+    name = f"{w.target}_inductor_convbn_{str(fmt).rpartition('.')[2]}"
+    setattr(module, name, converted)
+    with graph.inserting_before(c.conv):
+        node = graph.get_attr(name)
+    node.meta["val"] = w_val.new_empty_strided(converted.shape, converted.stride())
+    return node
+
+
 def _replace(graph: torch.fx.Graph, c: _Candidate) -> None:
-    x, w = c.conv.args[0], c.conv.args[1]
-    assert isinstance(x, torch.fx.Node) and isinstance(w, torch.fx.Node)
-    # The weight's meta must carry the strides of the constant Inductor will read, or
-    # Inductor copies it on every call to meet the op's fixed stride order.
-    weight = _constant(graph, w)
-    w_val = _val(w)
-    if weight is not None and w_val is not None and weight.stride() != w_val.stride():
-        w.meta["val"] = w_val.new_empty_strided(weight.shape, weight.stride())
+    x, w = c.conv.args[0], _weight_in_layout(graph, c)
+    assert isinstance(x, torch.fx.Node)
     rest = _conv_args(c.conv)
     with graph.inserting_before(c.relu):
         if c.z is None:
@@ -333,8 +364,8 @@ _decisions_lock = threading.Lock()
 def _signature(graph: torch.fx.Graph, c: _Candidate) -> tuple[Any, ...]:
     x, w, out = _val(c.conv.args[0]), _val(c.conv.args[1]), _val(c.conv)
     assert x is not None and w is not None and out is not None
-    weight = _constant(graph, c.conv.args[1])  # type: ignore[arg-type]
-    w_stride = weight.stride() if weight is not None else w.stride()
+    fmt = _input_format(c)
+    w_stride = torch.empty(w.shape, device="meta", memory_format=fmt).stride()
     z = _val(c.z)
     return (
         str(out.device),

@@ -22,6 +22,7 @@ from torch import nn
 
 __all__ = [
     "LAYER_KINDS",
+    "LAYER_META",
     "LayerKind",
     "PairReport",
     "PairTable",
@@ -512,12 +513,19 @@ def format_pairs(head: str, pair_reports: Sequence[PairReport]) -> str:
 # --- Naming -------------------------------------------------------------------------------
 
 
+# On a layer node that a fold created: the ``describe_node`` of the layer it replaced.
+LAYER_META = "inductor_convbn_layer"
+
+
 def describe_node(node: torch.fx.Node) -> str:
     """Where a layer sits in the user's model, e.g. ``layer1.0.conv1``, from fx metadata.
 
     Dynamo records the module path in ``nn_module_stack`` and AOT autograd keeps it on the
-    aten nodes, so the verifier's independent count and the plugin name a pair alike.
+    aten nodes, so the verifier's independent count and the plugin name a pair alike. A
+    layer a fold created carries the name of the one it replaced (``LAYER_META``).
     """
+    if LAYER_META in node.meta:
+        return str(node.meta[LAYER_META])
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]

@@ -518,8 +518,39 @@ def fold_per_call(graph: torch.fx.Graph, *, policy: str = "auto") -> int:
 def _apply(graph: torch.fx.Graph, run: _Run) -> int:
     with _decide.pass_time.timing():
         register_for_graph(graph)
+        layers = {
+            n: _pairs.describe_node(n)
+            for n in graph.nodes
+            if n.target is aten.convolution.default and isinstance(n.args[1], torch.fx.Node)
+        }
         token = _active.set(run)
         try:
-            return PATTERNS.apply(graph)
+            folded = PATTERNS.apply(graph)
         finally:
             _active.reset(token)
+        if folded:
+            _name_folded_convs(graph, {n.args[1]: name for n, name in layers.items()})
+        return folded
+
+
+def _name_folded_convs(graph: torch.fx.Graph, weights: dict[Any, str]) -> None:
+    """Give each conv a fold created the name of the conv it replaced
+    (``_pairs.LAYER_META``), found through the fold's arithmetic to the old weight: the
+    replacement's nodes carry no module path (torch <= 2.13) or the BN's (2.14)."""
+    for node in graph.find_nodes(op="call_function", target=aten.convolution.default):
+        if _pairs.LAYER_META in node.meta or weights.get(node.args[1]):
+            continue
+        seen, frontier = set(), [node.args[1]]
+        for _ in range(8):  # the fold is a few ops deep
+            found = next((weights[a] for a in frontier if a in weights), None)
+            if found is not None:
+                node.meta[_pairs.LAYER_META] = found
+                break
+            seen.update(frontier)
+            frontier = [
+                a
+                for f in frontier
+                if isinstance(f, torch.fx.Node)
+                for a in f.all_input_nodes
+                if a not in seen
+            ]
