@@ -6,7 +6,9 @@ process, as ratios to plain ``torch.compile`` (lower is faster).
         --batch-size 32 --json OUT/resnet18-bfloat16-cl-32.json [--tf32] [--lock FILE]
 
 ``--lock FILE`` holds an exclusive lock on FILE while timing, so that several of these
-processes may compile side by side and still time one at a time. Each variant's output is
+processes may compile side by side and still time one at a time; ``--barrier DIR:N`` first
+waits until N processes have compiled (each leaves a file in DIR), so that none times while
+another compiles. Each variant's output is
 checked against eager (TF32 as the run says). The JSON has each variant's ratio with its
 per-round range, its compile time, and the convs the plugin handed to cuDNN.
 """
@@ -34,6 +36,7 @@ from variants import _jit_frozen, prepare, summarize, time_interleaved  # noqa: 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VARIANTS = ("compile", "freezing", "freezing+plugin (no fusion)", "freezing+plugin", "jit.freeze")
+CUDAGRAPHS = {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets
 
 
 def factories(model: torch.nn.Module) -> dict[str, Any]:
@@ -48,7 +51,24 @@ def factories(model: torch.nn.Module) -> dict[str, Any]:
         "freezing+plugin": compiled(cudnn_fusion="auto", config=freezing),
         "freezing+plugin (always fuse)": compiled(cudnn_fusion="always", config=freezing),
         "jit.freeze": lambda: _jit_frozen(model),
+        "freezing (reduce-overhead)": compiled(plugin=False, config={**freezing, **CUDAGRAPHS}),
+        "freezing+plugin (no fusion, reduce-overhead)": compiled(
+            cudnn_fusion="off", config={**freezing, **CUDAGRAPHS}
+        ),
+        "freezing+plugin (reduce-overhead)": compiled(
+            cudnn_fusion="auto", config={**freezing, **CUDAGRAPHS}
+        ),
     }
+
+
+def wait_for(barrier: str | None, name: str) -> None:
+    if barrier is None:
+        return
+    folder, _, count = barrier.rpartition(":")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / name).touch()
+    while len(list(Path(folder).iterdir())) < int(count):
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager
@@ -91,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--lock", help="a file to lock while timing")
+    parser.add_argument("--barrier", help="DIR:N, wait for N compiled processes first")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -107,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad(), tf32(args.tf32):
         expected = model(x)
         variants, dropped = prepare(chosen, x, expected, rtol=rtol, atol=atol)
+        wait_for(args.barrier, str(args.json.stem if args.json else id(args)))
         start = time.perf_counter()
         with locked(args.lock):
             waited = time.perf_counter() - start

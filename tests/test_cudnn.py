@@ -18,7 +18,7 @@ FREEZING = {"freezing": True, "cpp.weight_prepack": False}
 
 
 class Block(nn.Module):
-    """conv-bn-relu, conv-bn + identity add + relu, then a conv-bn feeding two users."""
+    """conv-bn-relu, conv-bn + residual add + relu, then a conv-bn feeding two users."""
 
     def __init__(self):
         super().__init__()
@@ -28,7 +28,7 @@ class Block(nn.Module):
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
-        y = torch.relu(self.bn2(self.conv2(y)) + x)
+        y = torch.relu(self.bn2(self.conv2(y)) + y)
         z = self.bn3(self.conv3(y))
         return torch.relu(z) + z  # z has another user: conv3 keeps Inductor's epilogue
 
@@ -99,7 +99,8 @@ def test_auto_keeps_what_times_slower(on_cpu, monkeypatch):
     def fake_time(key):
         timed.append(key)
         is_add = key[6] is not None  # the residual's strides
-        return (1.0, 2.0) if is_add else (2.0, 1.0)
+        fast, slow = _cudnn.Cost(1.0, 1.0), _cudnn.Cost(2.0, 2.0)
+        return (fast, slow) if is_add else (slow, fast)
 
     monkeypatch.setattr(_cudnn, "_time_both", fake_time)
     monkeypatch.setattr(_cudnn, "_decisions", {})
@@ -110,6 +111,28 @@ def test_auto_keeps_what_times_slower(on_cpu, monkeypatch):
     _compat.dynamo_reset()
     _compile_and_run(_random_bn(Block()), x, "auto", config={**FREEZING, "fx_graph_cache": False})
     assert len(timed) == 2  # decided before: not timed again
+
+
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_auto_weighs_launch_time_against_kernel_time(monkeypatch, cudagraphs):
+    """A fused call with a faster kernel but a slower launch is taken only where the graph
+    stays bound by its kernels, or under CUDA graphs, where launches cost nothing."""
+    candidates = ["a", "b", "c"]
+    costs = {  # (fused, unfused) per conv, seconds: (host, device)
+        "a": (_cudnn.Cost(3.0, 8.0), _cudnn.Cost(1.0, 10.0)),  # saves 2 on the device
+        "b": (_cudnn.Cost(9.0, 9.0), _cudnn.Cost(1.0, 10.0)),  # saves 1, launches 8 slower
+        "c": (_cudnn.Cost(1.0, 11.0), _cudnn.Cost(1.0, 10.0)),  # a slower kernel
+    }
+    monkeypatch.setattr(_cudnn, "_costs", lambda graph, c: costs[c])
+    with _compat.inductor_config.patch({"triton.cudagraphs": cudagraphs}):
+        chosen = _cudnn._choose(None, candidates)
+    # Unfused: host 3, device 30. Fusing a: host 5, device 28. Then b: host 13, device
+    # 27, better by 1 (> 3% of 10). Fusing c never helps.
+    assert chosen == ["a", "b"]
+    costs["b"] = (_cudnn.Cost(30.0, 9.0), _cudnn.Cost(1.0, 10.0))  # now launch-bound
+    with _compat.inductor_config.patch({"triton.cudagraphs": cudagraphs}):
+        chosen = _cudnn._choose(None, candidates)
+    assert chosen == (["a", "b"] if cudagraphs else ["a"])
 
 
 def test_packages_keep_torch_kernels(on_cpu, monkeypatch):
@@ -134,10 +157,9 @@ def test_verify_reports_each_fused_conv(on_cpu):
         report = inductor_convbn.verify(model, torch.randn(1, 3, 32, 32), cudnn_fusion="always")
     assert report.outputs_match and report.folded == report.pairs == 20
     fused_rows = [p for p in report.pair_reports if "in cuDNN's convolution" in p.reason]
-    # Every conv followed by a ReLU, directly or after the residual add: all but the
-    # three downsample convs.
+    # Every conv followed by a ReLU, directly or through the residual add (one of the two
+    # convs of an add): 20 convs less the three adds' other convs.
     assert report.cudnn_fused == len(fused_rows) == 17
-    assert not any("downsample" in p.conv for p in fused_rows)
     assert "17 conv(s) with their epilogue in cuDNN" in str(report)
 
 
@@ -215,7 +237,9 @@ def test_fake_strides_are_cudnn_strides(dtype, input_cl, weight_cl, kernel, conv
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
     for r, f, zz in ((real, fake, None), (real_add, fake_add, z)):
         assert (r.shape, r.stride()) == (f.shape, f.stride())
-        ref = _cudnn.reference(x.float(), w.float(), zz and zz.float(), b.float(), *hyper)
+        ref = _cudnn.reference(
+            x.float(), w.float(), None if zz is None else zz.float(), b.float(), *hyper
+        )
         torch.testing.assert_close(r.float(), ref, rtol=tol, atol=tol * 10)
 
 

@@ -246,8 +246,10 @@ def _candidate(relu: torch.fx.Node) -> _Candidate | None:
             and residual.dtype == out.dtype
             and residual.device == out.device
             and _static(residual)
-            # In another layout than the conv's output cuDNN would convert it every call.
-            and _strides_like_channels_last(residual) == _strides_like_channels_last(out)
+            # The fused call computes in its input's layout (``_input_format``); a residual
+            # in another, cuDNN would convert on every call.
+            and _strides_like_channels_last(residual)
+            == _strides_like_channels_last(_val(conv.args[0]))  # type: ignore[arg-type]
         ):
             return _Candidate(relu, conv, z)
     return None
@@ -286,18 +288,14 @@ def fuse(graph: torch.fx.Graph, mode: str = "auto") -> int:
     # only torch's own kernels.
     if mode == "off" or _compat.is_backward_graph(graph) or _compat.aot_compilation():
         return 0
-    fused = 0
-    for node in list(graph.nodes):
-        candidate = _candidate(node)
-        if candidate is None:
-            continue
-        if mode == "auto" and not _faster(graph, candidate):
-            continue
+    candidates = [c for c in map(_candidate, graph.nodes) if c is not None]
+    if mode == "auto" and candidates:
+        candidates = _choose(graph, candidates)
+    for candidate in candidates:
         _replace(graph, candidate)
-        fused += 1
-    if fused:
+    if candidates:
         graph.eliminate_dead_code()
-    return fused
+    return len(candidates)
 
 
 def _input_format(c: _Candidate) -> torch.memory_format:
@@ -328,7 +326,7 @@ def _weight_in_layout(graph: torch.fx.Graph, c: _Candidate) -> torch.fx.Node:
     assert module is not None
     converted = weight.contiguous(memory_format=fmt)
     name = f"{w.target}_inductor_convbn_{str(fmt).rpartition('.')[2]}"
-    setattr(module, name, converted)
+    module.register_buffer(name, converted, persistent=False)
     with graph.inserting_before(c.conv):
         node = graph.get_attr(name)
     node.meta["val"] = w_val.new_empty_strided(converted.shape, converted.stride())
@@ -357,7 +355,7 @@ def _replace(graph: torch.fx.Graph, c: _Candidate) -> None:
 
 # --- The decision -------------------------------------------------------------------------
 
-_decisions: dict[tuple[Any, ...], bool] = {}
+_decisions: dict[tuple[Any, ...], tuple[Cost, Cost]] = {}
 _decisions_lock = threading.Lock()
 
 
@@ -382,22 +380,60 @@ def _signature(graph: torch.fx.Graph, c: _Candidate) -> tuple[Any, ...]:
     )
 
 
-def _faster(graph: torch.fx.Graph, c: _Candidate) -> bool:
-    """Whether the fused op beats the conv plus one pointwise pass over its output (what
-    Inductor runs instead), timed once per signature, on random tensors, on the device."""
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Seconds per call of one way to run a conv: to launch it (host) and to run it
+    (device). A graph takes about the larger of its launches and its kernels."""
+
+    host: float
+    device: float
+
+
+def _costs(graph: torch.fx.Graph, c: _Candidate) -> tuple[Cost, Cost]:
+    """The fused op's cost and that of the conv plus one pointwise pass over its output
+    (what Inductor runs instead), timed once per signature, on random tensors."""
     key = _signature(graph, c)
     with _decisions_lock:
         if key in _decisions:
             return _decisions[key]
     with _compat.unset_fake_temporarily(), torch.no_grad():
-        fused_s, unfused_s = _time_both(key)
-    decision = fused_s < (1 - MARGIN) * unfused_s
+        costs = _time_both(key)
     with _decisions_lock:
-        _decisions[key] = decision
-    return decision
+        _decisions[key] = costs
+    return costs
 
 
-def _time_both(key: tuple[Any, ...]) -> tuple[float, float]:
+def _choose(graph: torch.fx.Graph, candidates: list[_Candidate]) -> list[_Candidate]:
+    """The candidates whose fusion makes the graph faster, by their costs.
+
+    Under CUDA graphs launches cost nothing: a conv is fused where its kernel is faster.
+    Otherwise the fused call saves device time but may take longer to launch (cuDNN's
+    fused path does more on the host than a conv and one Inductor kernel): starting from
+    every conv unfused, each conv is fused, most device time saved first, where that lowers
+    the larger of the convs' host and device totals by ``MARGIN`` of the conv's time.
+    """
+    costs = [_costs(graph, c) for c in candidates]
+    if _compat.inductor_config.triton.cudagraphs:
+        return [
+            c
+            for c, (f, u) in zip(candidates, costs, strict=True)
+            if f.device < (1 - MARGIN) * u.device
+        ]
+    host = sum(u.host for _, u in costs)
+    device = sum(u.device for _, u in costs)
+    chosen = []
+    order = sorted(range(len(candidates)), key=lambda i: costs[i][0].device - costs[i][1].device)
+    for i in order:
+        fused, unfused = costs[i]
+        new_host = host - unfused.host + fused.host
+        new_device = device - unfused.device + fused.device
+        if max(new_host, new_device) < max(host, device) - MARGIN * unfused.device:
+            host, device = new_host, new_device
+            chosen.append(candidates[i])
+    return [c for c in candidates if c in chosen]
+
+
+def _time_both(key: tuple[Any, ...]) -> tuple[Cost, Cost]:
     device, dtype, x_size, x_stride, w_size, w_stride, z_stride, has_bias = key[:8]
     stride, padding, dilation, groups = key[8:12]
 
@@ -426,27 +462,40 @@ def _time_both(key: tuple[Any, ...]) -> tuple[float, float]:
         def unfused() -> Any:
             return torch.convolution(x, w, None, *conv_args).add_(residual)
 
-    return _seconds(fused, device), _seconds(unfused, device)
+    return _cost(fused, device), _cost(unfused, device)
 
 
-def _seconds(
-    fn: Callable[[], Any], device: str, *, rounds: int = 5, budget_s: float = 2e-3
-) -> float:
-    """The best of ``rounds`` timings of ``fn``, each as many calls as fill ``budget_s``."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+def _cost(fn: Callable[[], Any], device: str, *, rounds: int = 5, calls: int = 20) -> Cost:
+    """The best of ``rounds`` timings of ``calls`` calls of ``fn``: on CUDA the host time
+    to launch them, and the device time to run them, measured behind a sleeping kernel that
+    holds the stream until every call is queued, so that launches leave no gaps."""
     for _ in range(3):
         fn()
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    calls = max(1, min(100, int(budget_s / max(time.perf_counter() - start, 1e-6))))
-    best = float("inf")
+    if not device.startswith("cuda"):
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, (time.perf_counter() - start) / calls)
+        return Cost(best, best)
+    torch.cuda.synchronize(device)
+    host = device_s = float("inf")
     for _ in range(rounds):
-        sync()
+        torch.cuda.synchronize(device)
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        sync()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best
+        launched = time.perf_counter() - start
+        torch.cuda.synchronize(device)
+        host = min(host, launched / calls)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # Hold the stream for twice the launches' time (at 2 GHz or slower).
+        torch.cuda._sleep(int(max(launched, 1e-4) * 2 * 2e9))
+        begin.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        device_s = min(device_s, begin.elapsed_time(end) / 1e3 / calls)
+    return Cost(host, device_s)

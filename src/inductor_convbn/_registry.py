@@ -518,8 +518,9 @@ def fold_per_call(graph: torch.fx.Graph, *, policy: str = "auto") -> int:
 def _apply(graph: torch.fx.Graph, run: _Run) -> int:
     with _decide.pass_time.timing():
         register_for_graph(graph)
-        layers = {
-            n: _pairs.describe_node(n)
+        # Each conv's weight and name, before the fold erases the conv.
+        weights = {
+            n.args[1]: _pairs.describe_node(n)
             for n in graph.nodes
             if n.target is aten.convolution.default and isinstance(n.args[1], torch.fx.Node)
         }
@@ -529,7 +530,7 @@ def _apply(graph: torch.fx.Graph, run: _Run) -> int:
         finally:
             _active.reset(token)
         if folded:
-            _name_folded_convs(graph, {n.args[1]: name for n, name in layers.items()})
+            _name_folded_convs(graph, weights)
         return folded
 
 
