@@ -52,7 +52,7 @@ def factories(model: torch.nn.Module) -> dict[str, Any]:
         "freezing+plugin (always fuse)": compiled(cudnn_fusion="always", config=freezing),
         "jit.freeze": lambda: _jit_frozen(model),
         "freezing (reduce-overhead)": compiled(plugin=False, config={**freezing, **CUDAGRAPHS}),
-        "freezing+plugin (no fusion, reduce-overhead)": compiled(
+        "freezing+plugin (no fusion; reduce-overhead)": compiled(
             cudnn_fusion="off", config={**freezing, **CUDAGRAPHS}
         ),
         "freezing+plugin (reduce-overhead)": compiled(
@@ -67,7 +67,8 @@ def wait_for(barrier: str | None, name: str) -> None:
     folder, _, count = barrier.rpartition(":")
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / name).touch()
-    while len(list(Path(folder).iterdir())) < int(count):
+    deadline = time.monotonic() + 300  # a process that died never arrives
+    while len(list(Path(folder).iterdir())) < int(count) and time.monotonic() < deadline:
         time.sleep(0.5)
 
 
@@ -124,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tf32 and dtype == torch.float32:
         rtol, atol = _report.DEFAULT_TOLERANCES[torch.bfloat16]
     every = factories(model)
-    chosen = {name: every[name] for name in args.variants.split(",")}
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(every))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {sorted(every)}")
+    chosen = {name: every[name] for name in names}
     with torch.no_grad(), tf32(args.tf32):
         expected = model(x)
         variants, dropped = prepare(chosen, x, expected, rtol=rtol, atol=atol)
