@@ -35,7 +35,14 @@ from inductor_convbn.testing import torchvision_model  # noqa: E402
 from variants import _jit_frozen, prepare, summarize, time_interleaved  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-VARIANTS = ("compile", "freezing", "freezing+plugin (no fusion)", "freezing+plugin", "jit.freeze")
+VARIANTS = (
+    "compile",
+    "freezing",
+    "freezing+plugin",
+    "freezing+plugin (cudnn auto)",
+    "freezing+plugin (cudnn always)",
+    "jit.freeze",
+)
 CUDAGRAPHS = {"triton.cudagraphs": True}  # what mode="reduce-overhead" sets
 
 
@@ -47,15 +54,15 @@ def factories(model: torch.nn.Module) -> dict[str, Any]:
     return {
         "compile": compiled(plugin=False),
         "freezing": compiled(plugin=False, config=freezing),
-        "freezing+plugin (no fusion)": compiled(cudnn_fusion="off", config=freezing),
-        "freezing+plugin": compiled(cudnn_fusion="auto", config=freezing),
-        "freezing+plugin (always fuse)": compiled(cudnn_fusion="always", config=freezing),
+        "freezing+plugin": compiled(cudnn_fusion="off", config=freezing),
+        "freezing+plugin (cudnn auto)": compiled(cudnn_fusion="auto", config=freezing),
+        "freezing+plugin (cudnn always)": compiled(cudnn_fusion="always", config=freezing),
         "jit.freeze": lambda: _jit_frozen(model),
         "freezing (reduce-overhead)": compiled(plugin=False, config={**freezing, **CUDAGRAPHS}),
-        "freezing+plugin (no fusion; reduce-overhead)": compiled(
+        "freezing+plugin (reduce-overhead)": compiled(
             cudnn_fusion="off", config={**freezing, **CUDAGRAPHS}
         ),
-        "freezing+plugin (reduce-overhead)": compiled(
+        "freezing+plugin (cudnn auto; reduce-overhead)": compiled(
             cudnn_fusion="auto", config={**freezing, **CUDAGRAPHS}
         ),
     }

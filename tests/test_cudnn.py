@@ -52,9 +52,10 @@ def on_cpu(monkeypatch):
     _decide.take_fusions()
 
 
-def _compile_and_run(model, x, mode, config=FREEZING):
+def _compile_and_run(model, x, mode=None, config=FREEZING):
+    options = {} if mode is None else {"cudnn_fusion": mode}
     with (
-        _pass.installed(cudnn_fusion=mode),
+        _pass.installed(**options),
         _compat.inductor_config.patch(config),
         torch.no_grad(),
     ):
@@ -78,9 +79,10 @@ def test_always_fuses_conv_relu_and_conv_add_relu(on_cpu, channels_last):
     assert out.stride() == expected.stride()
 
 
-def test_off_fuses_nothing(on_cpu):
+@pytest.mark.parametrize("mode", [None, "off"])
+def test_off_the_default_fuses_nothing(on_cpu, mode):
     model, x = _random_bn(Block()), torch.randn(2, 8, 10, 10)
-    _, code = _compile_and_run(model, x, "off")
+    _, code = _compile_and_run(model, x, mode)
     assert _decide.take_fusions() == []
     assert "inductor_convbn.conv_" not in code
 

@@ -28,6 +28,7 @@ from . import _compat, _decide, _pairs
 
 __all__ = [
     "CUDNN_FUSION",
+    "DEFAULT",
     "DEVICES",
     "FUSED_OPS",
     "cache_key",
@@ -37,10 +38,13 @@ __all__ = [
 
 aten = torch.ops.aten
 
-#: ``"auto"`` rewrites a conv where timing both on the device says the fused call is
-#: faster; ``"always"`` rewrites every eligible conv (for tests and measurements);
-#: ``"off"`` leaves them to Inductor.
-CUDNN_FUSION = ("auto", "always", "off")
+#: ``"off"`` leaves every conv to Inductor; ``"auto"`` rewrites the convs where timing
+#: both on the device says the fused calls make the graph faster; ``"always"`` rewrites
+#: every eligible conv (for tests and measurements).
+CUDNN_FUSION = ("off", "auto", "always")
+#: ``install()``'s default. On an H200 (torch 2.11) the fused calls made ResNet18 slower
+#: under freezing in every configuration measured, with "auto" too (docs/benchmarks.md).
+DEFAULT = "off"
 #: The devices whose convs are rewritten; on others the ops have only the reference
 #: implementation (the tests add "cpu" to exercise the rewrite without a GPU).
 DEVICES: tuple[str, ...] = ("cuda",)

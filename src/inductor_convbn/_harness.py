@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import _compat, _pass
+from . import _compat, _cudnn, _pass
 
 __all__ = ["compare_compiled", "compile_variant", "fresh_callable", "phase_listener", "tf32_off"]
 
@@ -113,7 +113,7 @@ def compile_variant(
     *,
     plugin: bool = True,
     policy: str = "auto",
-    cudnn_fusion: str = "auto",
+    cudnn_fusion: str = _cudnn.DEFAULT,
     dynamic: bool | None = None,
     config: dict[str, Any] | None = None,
     on_graph: Callable[[torch.fx.GraphModule], Callable[[], None] | None] | None = None,

@@ -74,7 +74,7 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
         *,
         stage: str = "per_call",
         policy: str = "auto",
-        cudnn_fusion: str = "auto",
+        cudnn_fusion: str = _cudnn.DEFAULT,
     ):
         if isinstance(stage, str) and stage in _OLD_STAGE_NAMES:
             warnings.warn(
@@ -140,7 +140,7 @@ _installed_here: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
-def install(policy: str = "auto", *, cudnn_fusion: str = "auto") -> None:
+def install(policy: str = "auto", *, cudnn_fusion: str = _cudnn.DEFAULT) -> None:
     """Fold conv -> batch_norm in every graph ``torch.compile`` compiles from now on.
 
     ``policy="auto"`` folds every pair when Inductor freezing is on (the folded weights are
@@ -149,10 +149,12 @@ def install(policy: str = "auto", *, cudnn_fusion: str = "auto") -> None:
     why each other pair was kept. ``policy="always"`` folds every pair that can be folded
     without changing results.
 
-    ``cudnn_fusion`` is for frozen graphs on CUDA (Inductor freezing, AOTInductor): with
-    ``"auto"`` each folded conv whose bias, residual add and ReLU cuDNN can run inside the
-    convolution is timed both ways once, at compile time, and handed to cuDNN where that is
-    faster; ``"always"`` hands every such conv to cuDNN, ``"off"`` none.
+    ``cudnn_fusion`` is for frozen graphs on CUDA (Inductor freezing): a folded conv whose
+    bias, residual add and ReLU cuDNN can run inside the convolution is handed to cuDNN's
+    fused call with ``"always"``; with ``"auto"`` where timing each conv both ways, once,
+    at compile time, says the graph gets faster. The default, ``"off"``, leaves them to
+    Inductor: on an H200 (torch 2.11) the fused calls were slower in every configuration
+    measured (docs/benchmarks.md).
 
     Idempotent; a second call with other options switches to them. Passes installed before
     keep running, before ours. Where torch keeps Inductor's config per thread
@@ -227,7 +229,7 @@ def installed_options() -> tuple[str, str] | None:
 
 
 @contextlib.contextmanager
-def installed(policy: str = "auto", *, cudnn_fusion: str = "auto") -> Iterator[None]:
+def installed(policy: str = "auto", *, cudnn_fusion: str = _cudnn.DEFAULT) -> Iterator[None]:
     """``install(policy, cudnn_fusion=...)`` for the duration of a ``with`` block; restores
     the previous state."""
     with _lock:

@@ -263,7 +263,7 @@ def verify(
     freezing: bool | None = None,
     grad: bool = False,
     plain: bool | None = None,
-    cudnn_fusion: str = "auto",
+    cudnn_fusion: str = _cudnn.DEFAULT,
 ) -> FoldReport:
     """Compile a copy of ``model`` with the plugin, run it, and report the folds.
 

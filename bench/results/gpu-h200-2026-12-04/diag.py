@@ -52,7 +52,8 @@ with torch.no_grad(), _harness.tf32_off():
         events = prof.key_averages()
         cuda_total = sum(e.self_device_time_total for e in events) / 20 / 1e3
         print(
-            f"== {dtype_name} b{batch} fusion={mode}: wall {wall * 1e3:.3f} ms/call, GPU busy {cuda_total:.3f} ms/call, code {calls}"
+            f"== {dtype_name} b{batch} fusion={mode}: wall {wall * 1e3:.3f} ms/call, "
+            f"GPU busy {cuda_total:.3f} ms/call, code {calls}"
         )
         print(
             events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60)
