@@ -1,8 +1,11 @@
 import os
 import tempfile
 
-# A fresh Inductor cache per test session: earlier runs' compiled graphs would skip the pass.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="inductor_convbn-tests-"))
+# A fresh Inductor cache per test session, and per pytest-xdist worker (a worker inherits
+# the controller's environment): earlier runs' and other workers' compiled graphs would skip
+# the pass.
+if os.environ.get("PYTEST_XDIST_WORKER") or "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_convbn-tests-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
