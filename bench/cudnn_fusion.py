@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inductor_convbn import _harness, _report  # noqa: E402
 from inductor_convbn.testing import torchvision_model  # noqa: E402
-from variants import _jit_frozen, prepare, summarize, time_interleaved  # noqa: E402
+from variants import _jit_frozen, prepare, results, time_interleaved  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VARIANTS = (
@@ -149,12 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "summary": summarize(per_call),
-        "per_call_s": per_call,
-        "compile_s": {n: v.compile_s for n, v in variants.items()},
-        "folded": {n: v.folded for n, v in variants.items()},
-        "cudnn_fused": {n: v.cudnn_fused for n, v in variants.items()},
-        "dropped": dropped,
+        **results(variants, per_call, dropped),
         "lock_wait_s": waited,
     }
     line = " ".join(

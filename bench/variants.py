@@ -274,11 +274,19 @@ def run_config(
         )
         variants, dropped = prepare(factories, x, expected, rtol=rtol, atol=atol)
         per_call = time_interleaved(variants, x, rounds=rounds, calls=calls)
+    return results(variants, per_call, dropped)
+
+
+def results(
+    variants: dict[str, Variant], per_call: dict[str, list[float]], dropped: dict[str, str]
+) -> dict[str, Any]:
+    """One configuration's results, as the JSON of every benchmark script has them."""
     return {
         "summary": summarize(per_call),
         "per_call_s": per_call,
         "compile_s": {n: v.compile_s for n, v in variants.items()},
         "folded": {n: v.folded for n, v in variants.items()},
         "kept": {n: v.kept for n, v in variants.items()},
+        "cudnn_fused": {n: v.cudnn_fused for n, v in variants.items()},
         "dropped": dropped,
     }
