@@ -1,9 +1,10 @@
 """cuDNN's fused conv + bias (+ add) + ReLU in frozen graphs (``_cudnn``).
 
 The rewrite is tested on CPU, where the fused ops run their reference implementation
-(``_cudnn.DEVICES`` extended to "cpu", and Inductor's own CPU weight prepacking off, which
-would otherwise take the convs first); the ops' fake strides against cuDNN's real ones,
-and the whole rewrite, on the GPU.
+(``_cudnn.DEVICES`` extended to "cpu"), with Inductor's own CPU weight prepacking off, which
+would otherwise take the convs first: its config flag, and its freezing patterns, which stay
+registered once any compile in the process has set them up. The ops' fake strides against
+cuDNN's real ones, and the whole rewrite, on the GPU.
 """
 
 import re
@@ -49,6 +50,10 @@ def _random_bn(model):
 @pytest.fixture
 def on_cpu(monkeypatch):
     monkeypatch.setattr(_cudnn, "DEVICES", ("cuda", "cpu"))
+    from torch._inductor.fx_passes import freezing_patterns
+
+    fresh = [type(p)() for p in freezing_patterns.pass_patterns]
+    monkeypatch.setattr(freezing_patterns, "pass_patterns", fresh)
     _decide.take_fusions()
 
 
@@ -156,9 +161,9 @@ def test_transposed_convs_are_left_alone(on_cpu):
 
 
 def test_verify_reports_each_fused_conv(on_cpu):
-    model = torchvision_model("resnet18")
+    model, x = torchvision_model("resnet18"), torch.randn(1, 3, 32, 32)
     with _compat.inductor_config.patch({"cpp.weight_prepack": False}):
-        report = inductor_convbn.verify(model, torch.randn(1, 3, 32, 32), cudnn_fusion="always")
+        report = inductor_convbn.verify(model, x, cudnn_fusion="always")
     assert report.outputs_match and report.folded == report.pairs == 20
     fused_rows = [p for p in report.pair_reports if "in cuDNN's convolution" in p.reason]
     # Every conv followed by a ReLU, directly or through the residual add (one of the two
@@ -169,15 +174,15 @@ def test_verify_reports_each_fused_conv(on_cpu):
 
 def test_option_is_part_of_the_cache_key():
     keys = {
-        _pass.ConvBnFoldPass(stage="per_call", cudnn_fusion=mode).uuid()
+        _pass.ConvBnFoldPass(stage="early", cudnn_fusion=mode).uuid()
         for mode in _cudnn.CUDNN_FUSION
     }
     assert len(keys) == len(_cudnn.CUDNN_FUSION)
-    before = _pass.ConvBnFoldPass(stage="per_call").uuid()
+    before = _pass.ConvBnFoldPass(stage="early").uuid()
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = not saved
     try:
-        assert _pass.ConvBnFoldPass(stage="per_call").uuid() != before
+        assert _pass.ConvBnFoldPass(stage="early").uuid() != before
     finally:
         torch.backends.cudnn.allow_tf32 = saved
 

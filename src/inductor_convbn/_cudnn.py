@@ -30,6 +30,7 @@ __all__ = [
     "CUDNN_FUSION",
     "DEFAULT",
     "DEVICES",
+    "DTYPES",
     "FUSED_OPS",
     "cache_key",
     "fuse",
@@ -48,6 +49,8 @@ DEFAULT = "off"
 #: The devices whose convs are rewritten; on others the ops have only the reference
 #: implementation (the tests add "cpu" to exercise the rewrite without a GPU).
 DEVICES: tuple[str, ...] = ("cuda",)
+#: The dtypes cuDNN's fused calls take.
+DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 # Fuse only where the fused call is this much faster, so that timing noise never picks it
 # for a conv where both are alike.
 MARGIN = 0.03
@@ -218,7 +221,7 @@ def _eligible_conv(node: Any) -> bool:
         return False
     return (
         out.device.type in DEVICES
-        and out.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and out.dtype in DTYPES
         and w.dim() in (4, 5)
         and all(_static(t) for t in (out, x, w))
         and out.numel() > 0

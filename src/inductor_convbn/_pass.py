@@ -60,9 +60,9 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
     ``"per_call"`` does, before those passes rewrite a pair (on CUDA a linear's ``addmm``
     becomes ``mm`` + ``add``). ``"per_call"`` runs on the same graph after them and folds
     what is left, recomputed on every call from the live parameters; ``policy``
-    (``_decide.POLICIES``) says where that pays. In a frozen graph it then hands each conv
-    + bias (+ residual add) + ReLU on CUDA to cuDNN's fused convolution where that is
-    faster (``_cudnn.fuse``; ``cudnn_fusion`` is one of ``_cudnn.CUDNN_FUSION``).
+    (``_decide.POLICIES``) says where that pays. In a frozen graph the early stage, after
+    its folds, can hand each conv + bias (+ residual add) + ReLU on CUDA to cuDNN's fused
+    convolution (``_cudnn.fuse``; ``cudnn_fusion`` is one of ``_cudnn.CUDNN_FUSION``).
 
     Being a ``CustomGraphPass`` with a ``uuid()`` keeps Inductor's FX graph cache on: a
     bare function as a custom pass makes every compile bypass the cache.
@@ -114,9 +114,10 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
         elif self.stage == "early":
             _decide.count_marks(graph)
             _registry.fold_per_call(graph, policy=self.policy)
+            # Before Inductor's own post-grad passes, which on CPU may take conv + ReLU.
+            _cudnn.fuse(graph, self.cudnn_fusion)
         else:
             _registry.fold_per_call(graph, policy=self.policy)
-            _cudnn.fuse(graph, self.cudnn_fusion)
 
     def uuid(self) -> Any:
         others = []
@@ -127,7 +128,7 @@ class ConvBnFoldPass(_compat.CustomGraphPass):
             if other_uuid is None:
                 return None
             others.append(other_uuid)
-        fusion = (self.cudnn_fusion, *_cudnn.cache_key()) if self.stage == "per_call" else ()
+        fusion = (self.cudnn_fusion, *_cudnn.cache_key()) if self.stage == "early" else ()
         return (source_hash(), self.stage, self.policy, *fusion, *others)
 
 
