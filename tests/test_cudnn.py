@@ -112,7 +112,7 @@ def test_auto_keeps_what_times_slower(on_cpu, monkeypatch):
         return (fast, slow) if is_add else (slow, fast)
 
     monkeypatch.setattr(_cudnn, "_time_both", fake_time)
-    monkeypatch.setattr(_cudnn, "_decisions", {})
+    monkeypatch.setattr(_cudnn, "_timed", {})
     model, x = _random_bn(Block()), torch.randn(2, 8, 10, 10)
     out, _ = _compile_and_run(model, x, "auto")
     assert _decide.take_fusions() == [("conv2", "bias+add+ReLU")]

@@ -31,7 +31,6 @@ __all__ = [
     "DEFAULT",
     "DEVICES",
     "DTYPES",
-    "FUSED_OPS",
     "cache_key",
     "fuse",
     "reference",
@@ -147,20 +146,13 @@ def _fake(
     return input.new_empty(size).contiguous(memory_format=memory_format(input, weight))
 
 
-def _relu_reference(input, weight, bias, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
-    return reference(input, weight, None, bias, stride, padding, dilation, groups)
+def _without_z(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn`` (conv_add_relu's arguments) with conv_relu's: no residual."""
 
+    def without_z(input: Any, weight: Any, bias: Any, *hyper: Any) -> torch.Tensor:
+        return fn(input, weight, None, bias, *hyper)
 
-def _add_relu_reference(input, weight, z, bias, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
-    return reference(input, weight, z, bias, stride, padding, dilation, groups)
-
-
-def _relu_fake(input, weight, bias, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
-    return _fake(input, weight, None, bias, stride, padding, dilation, groups)
-
-
-def _add_relu_fake(input, weight, z, bias, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
-    return _fake(input, weight, z, bias, stride, padding, dilation, groups)
+    return without_z
 
 
 def _relu_cuda(input, weight, bias, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
@@ -173,17 +165,17 @@ def _add_relu_cuda(input, weight, z, bias, stride, padding, dilation, groups):  
     )
 
 
-_LIBRARY.impl("conv_relu", _relu_reference, "CPU")
-_LIBRARY.impl("conv_add_relu", _add_relu_reference, "CPU")
-_LIBRARY.impl("conv_relu", _relu_fake, "Meta")
-_LIBRARY.impl("conv_add_relu", _add_relu_fake, "Meta")
+# ``reference`` and ``_fake`` take conv_add_relu's arguments, in its order.
+_LIBRARY.impl("conv_relu", _without_z(reference), "CPU")
+_LIBRARY.impl("conv_add_relu", reference, "CPU")
+_LIBRARY.impl("conv_relu", _without_z(_fake), "Meta")
+_LIBRARY.impl("conv_add_relu", _fake, "Meta")
 if torch.backends.cudnn.is_available() or torch.cuda.is_available():
     _LIBRARY.impl("conv_relu", _relu_cuda, "CUDA")
     _LIBRARY.impl("conv_add_relu", _add_relu_cuda, "CUDA")
 
 CONV_RELU = torch.ops.inductor_convbn.conv_relu.default
 CONV_ADD_RELU = torch.ops.inductor_convbn.conv_add_relu.default
-FUSED_OPS = (CONV_RELU, CONV_ADD_RELU)
 
 
 # --- The rewrite ----------------------------------------------------------------------------
@@ -262,13 +254,6 @@ def _candidate(relu: torch.fx.Node) -> _Candidate | None:
     return None
 
 
-def _constant(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.Tensor | None:
-    value: Any = graph.owning_module
-    for atom in str(node.target).split("."):
-        value = getattr(value, atom, None)
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _conv_args(conv: torch.fx.Node) -> tuple[Any, ...]:
     """The fused op's arguments after the input, the weight (and z): bias and hyper-parameters."""
     _, _, bias, stride, padding, dilation, _, _, groups = cast(tuple[Any, ...], conv.args)
@@ -321,7 +306,7 @@ def _weight_in_layout(graph: torch.fx.Graph, c: _Candidate) -> torch.fx.Node:
     Inductor would copy it on every call to meet the op's fixed stride order."""
     w = c.conv.args[1]
     assert isinstance(w, torch.fx.Node)
-    weight, w_val = _constant(graph, w), _val(w)
+    weight, w_val = _pairs.constant_of(graph.owning_module, w), _val(w)
     if weight is None or w_val is None:
         return w
     fmt = _input_format(c)
@@ -352,7 +337,6 @@ def _replace(graph: torch.fx.Graph, c: _Candidate) -> None:
     vals = [_val(a) if isinstance(a, torch.fx.Node) else a for a in new.args]
     with _compat.fake_mode_of(_val(x)):
         new.meta["val"] = CONV_RELU(*vals) if c.z is None else CONV_ADD_RELU(*vals)
-    new.meta["inductor_convbn_fused"] = True
     c.relu.replace_all_uses_with(new)
     epilogue = "bias+add+ReLU" if c.z is not None else "bias+ReLU"
     if c.conv.args[2] is None:
@@ -362,8 +346,8 @@ def _replace(graph: torch.fx.Graph, c: _Candidate) -> None:
 
 # --- The decision -------------------------------------------------------------------------
 
-_decisions: dict[tuple[Any, ...], tuple[Cost, Cost]] = {}
-_decisions_lock = threading.Lock()
+_timed: dict[tuple[Any, ...], tuple[Cost, Cost]] = {}
+_timed_lock = threading.Lock()
 
 
 def _signature(graph: torch.fx.Graph, c: _Candidate) -> tuple[Any, ...]:
@@ -400,13 +384,13 @@ def _costs(graph: torch.fx.Graph, c: _Candidate) -> tuple[Cost, Cost]:
     """The fused op's cost and that of the conv plus one pointwise pass over its output
     (what Inductor runs instead), timed once per signature, on random tensors."""
     key = _signature(graph, c)
-    with _decisions_lock:
-        if key in _decisions:
-            return _decisions[key]
+    with _timed_lock:
+        if key in _timed:
+            return _timed[key]
     with _compat.unset_fake_temporarily(), torch.no_grad():
         costs = _time_both(key)
-    with _decisions_lock:
-        _decisions[key] = costs
+    with _timed_lock:
+        _timed[key] = costs
     return costs
 
 
@@ -428,7 +412,7 @@ def _choose(graph: torch.fx.Graph, candidates: list[_Candidate]) -> list[_Candid
         ]
     host = sum(u.host for _, u in costs)
     device = sum(u.device for _, u in costs)
-    chosen = []
+    chosen = set()
     order = sorted(range(len(candidates)), key=lambda i: costs[i][0].device - costs[i][1].device)
     for i in order:
         fused, unfused = costs[i]
@@ -436,8 +420,8 @@ def _choose(graph: torch.fx.Graph, candidates: list[_Candidate]) -> list[_Candid
         new_device = device - unfused.device + fused.device
         if max(new_host, new_device) < max(host, device) - MARGIN * unfused.device:
             host, device = new_host, new_device
-            chosen.append(candidates[i])
-    return [c for c in candidates if c in chosen]
+            chosen.add(i)
+    return [c for i, c in enumerate(candidates) if i in chosen]
 
 
 def _time_both(key: tuple[Any, ...]) -> tuple[Cost, Cost]:

@@ -26,6 +26,7 @@ __all__ = [
     "LayerKind",
     "PairReport",
     "PairTable",
+    "constant_of",
     "affine_reason",
     "bind_batch_norm",
     "bind_channel_affine",
@@ -511,6 +512,16 @@ def format_pairs(head: str, pair_reports: Sequence[PairReport]) -> str:
 
 
 # --- Naming -------------------------------------------------------------------------------
+
+
+def constant_of(module: torch.nn.Module | None, node: torch.fx.Node) -> torch.Tensor | None:
+    """The value of a ``get_attr`` node (a constant of a frozen graph), else None."""
+    if module is None or node.op != "get_attr":
+        return None
+    value: Any = module
+    for atom in str(node.target).split("."):
+        value = getattr(value, atom, None)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 # On a layer node that a fold created: the ``describe_node`` of the layer it replaced.

@@ -265,7 +265,7 @@ def _judge_per_call(policy: str) -> Judge:
         module = layer.graph.owning_module
         # Under freezing the parameters are constants here and their fold can be checked;
         # otherwise their values are only known at run time.
-        constants = _fold_tensors(match, lambda node: _constant(module, node))
+        constants = _fold_tensors(match, lambda node: _pairs.constant_of(module, node))
         if constants:
             reason = _unsafe_values(match, layer, constants)
         else:
@@ -281,16 +281,6 @@ def _judge_per_call(policy: str) -> Judge:
         return True, None
 
     return judge
-
-
-def _constant(module: torch.nn.Module | None, node: torch.fx.Node) -> torch.Tensor | None:
-    """The value of a ``get_attr`` node (a constant of a frozen graph), else None."""
-    if module is None or node.op != "get_attr":
-        return None
-    value: Any = module
-    for atom in str(node.target).split("."):
-        value = getattr(value, atom, None)
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _early_check(match: _compat.Match) -> bool:
@@ -411,7 +401,7 @@ def fold_for_package(graph: torch.fx.Graph) -> int:
     module = graph.owning_module
     constants = {}
     for node in graph.find_nodes(op="get_attr"):
-        value = _constant(module, node)
+        value = _pairs.constant_of(module, node)
         if value is not None:
             constants[node] = value
     folded = _apply(

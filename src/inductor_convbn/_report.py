@@ -10,7 +10,7 @@ import functools
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -347,7 +347,7 @@ def verify(
         )
         outputs_match = outputs_match and grads_match
     return FoldReport(
-        pair_reports=_with_fusions(model, _pair_reports(model, pairs, decisions, delta), fusions),
+        pair_reports=_pair_reports(model, pairs, decisions, delta, fusions),
         folded=delta[_decide.COUNTER_FOLDED],
         cudnn_fused=delta[_decide.COUNTER_CUDNN_FUSED],
         max_abs_error=judged.error,
@@ -421,28 +421,23 @@ def _pair_reports(
     pairs: list[Pair],
     decisions: list[_decide.Decision],
     delta: Any,
+    fusions: Sequence[tuple[str, str]] = (),
 ) -> list[PairReport]:
-    """Each pair's row, named after the model's own modules."""
+    """Each pair's row, named after the model's own modules; a folded pair whose conv was
+    handed to cuDNN (``fusions``: the fused conv carries the module path of the conv or of
+    the BN folded into it) says with what."""
     names = {name for name, _ in model.named_modules()}
     rename = _pairs.module_name
     pairs = [(rename(c, names), rename(b, names), k, r) for c, b, k, r in pairs]
     decisions = [dataclasses.replace(d, layer=rename(d.layer, names)) for d in decisions]
-    return _attribute(
+    reports = _attribute(
         pairs,
         decisions,
         delta[_decide.COUNTER_FOLDED],
         delta[_decide.COUNTER_KEPT],
         delta[_decide.COUNTER_UNSAFE],
     )
-
-
-def _with_fusions(
-    model: torch.nn.Module, reports: list[PairReport], fusions: list[tuple[str, str]]
-) -> list[PairReport]:
-    """Each folded pair whose conv was handed to cuDNN, its reason saying with what. The
-    fused conv carries the module path of the conv or of the BN folded into it."""
-    names = {name for name, _ in model.named_modules()}
-    epilogues = {_pairs.module_name(layer, names): epilogue for layer, epilogue in fusions}
+    epilogues = {rename(layer, names): epilogue for layer, epilogue in fusions}
     for report in reports:
         epilogue = epilogues.get(report.conv) or epilogues.get(report.bn)
         if report.status == FOLDED and epilogue:
