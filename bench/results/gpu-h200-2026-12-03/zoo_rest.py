@@ -3,7 +3,10 @@
 bfloat16, float32 and float16, small models first.
 
     PYTHONPATH=$PWD/src python bench/results/gpu-h200-2026-12-03/zoo_rest.py \
-        --out $OUT --workers 10 --deadline 300 [--list]
+        --out $OUT --workers 10 --deadline 300 [--list] [--longest-first]
+
+``--longest-first`` orders the cases by the longest time any earlier round took for the
+same model and dtype, longest first, so that the last cases to finish are short ones.
 """
 
 import argparse
@@ -47,6 +50,17 @@ def missing() -> list[tuple[str, str, str]]:
     return todo
 
 
+def longest_first(cases: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    took: dict[tuple[str, str], float] = {}
+    for f in (ROOT / "bench/results").glob("gpu-h200-*/**/*.jsonl"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            if "seconds" in r:
+                key = (r["model"], r["dtype"])
+                took[key] = max(took.get(key, 0.0), r["seconds"])
+    return sorted(cases, key=lambda c: -took.get(c[:2], 1e9))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path)
@@ -54,8 +68,9 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=300)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--list", action="store_true")
+    p.add_argument("--longest-first", action="store_true")
     args = p.parse_args()
-    cases = missing()
+    cases = longest_first(missing()) if args.longest_first else missing()
     if args.list:
         print(len(cases), "cases:", " ".join("/".join(c) for c in cases))
         return
