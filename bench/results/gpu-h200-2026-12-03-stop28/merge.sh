@@ -16,6 +16,7 @@ files=(
 )
 [ "${1:-}" = up-to-round7 ] || files+=($r/gpu-h200-2026-12-03-stop28/call{A,B,C}/zoo-gpu.jsonl)
 all=$(mktemp)
+trap 'rm -f "$all"' EXIT
 # The zoo cases on the GPU (lines with a mode; round 5's timm lines have none).
 python -c "
 import json, sys

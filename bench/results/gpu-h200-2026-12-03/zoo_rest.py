@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -26,18 +27,23 @@ import run_missing  # noqa: E402
 import zoo_gpu  # noqa: E402
 
 
-def missing() -> list[tuple[str, str, str]]:
-    done = set()
+def _records() -> Iterator[dict]:
+    """Every result line of every earlier H200 round."""
     for f in (ROOT / "bench/results").glob("gpu-h200-*/**/*.jsonl"):
         for line in f.read_text().splitlines():
-            r = json.loads(line)
-            if (
-                r.get("device", "cuda") == "cuda"
-                and "mode" in r
-                and "result" in r
-                and not r["result"].startswith("ERROR")
-            ):
-                done.add((r["model"], r["dtype"], r["mode"]))
+            yield json.loads(line)
+
+
+def missing() -> list[tuple[str, str, str]]:
+    done = set()
+    for r in _records():
+        if (
+            r.get("device", "cuda") == "cuda"
+            and "mode" in r
+            and "result" in r
+            and not r["result"].startswith("ERROR")
+        ):
+            done.add((r["model"], r["dtype"], r["mode"]))
     names = list(zoo_gpu._zoo().ZOO)
     rank = {m: i for i, m in enumerate(run_missing.ORDER)}
     by_size = sorted(names, key=lambda m: (rank.get(m, -1), names.index(m)))
@@ -52,12 +58,10 @@ def missing() -> list[tuple[str, str, str]]:
 
 def longest_first(cases: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     took: dict[tuple[str, str], float] = {}
-    for f in (ROOT / "bench/results").glob("gpu-h200-*/**/*.jsonl"):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            if "seconds" in r:
-                key = (r["model"], r["dtype"])
-                took[key] = max(took.get(key, 0.0), r["seconds"])
+    for r in _records():
+        if "seconds" in r:
+            key = (r["model"], r["dtype"])
+            took[key] = max(took.get(key, 0.0), r["seconds"])
     return sorted(cases, key=lambda c: -took.get(c[:2], 1e9))
 
 
