@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 import inductor_convbn
-from inductor_convbn import _compat, _decide, _registry
+from inductor_convbn import _compat, _decide, _pairs, _registry
 from inductor_convbn._decide import Decision
 from inductor_convbn._fold import fold_conv_bn_weights
 from inductor_convbn._pairs import NOT_MATCHED
 from inductor_convbn._pairs import module_name as _module_name
-from inductor_convbn._report import PLAIN_COMPILE_MARGIN, FoldReport, _attribute
+from inductor_convbn._report import PLAIN_COMPILE_MARGIN, FoldReport, PairReport, _attribute
 from inductor_convbn.testing import randomize_batch_norm
 
 PAIRS = [
@@ -158,6 +158,13 @@ def test_kept_pairs_say_how_to_fold_them_in_the_first_line():
     first = str(report).splitlines()[0]
     assert "1 kept by policy=auto" in first and "freezing" in first and "always" in first
     assert "kept" not in str(dataclasses.replace(report, pair_reports=[])).splitlines()[0]
+
+
+def test_a_frozen_bn_this_torch_gives_no_shapes_for_is_not_said_to_fold_with_always():
+    kept = PairReport("0", "1", "conv2d", _pairs.KEPT, _pairs.AFFINE_NO_SHAPES)
+    report = FoldReport([kept], folded=0, max_abs_error=0.0, outputs_match=True, rtol=0, atol=0)
+    first = str(dataclasses.replace(report, freezing=True)).splitlines()[0]
+    assert "1 left to Inductor's binary folding" in first and "always" not in first, first
 
 
 def test_every_recorded_fold_gets_a_row_and_folded_never_exceeds_pairs():

@@ -70,9 +70,10 @@ def fold_conv_affine_weights(
     channels = conv_weight.shape[1] * groups if transposed else conv_weight.shape[0]
     scale = scale.to(dtype).reshape(-1).expand(channels)
     weight = _scale_out_channels(conv_weight.to(dtype), scale, transposed, groups)
-    # ``scale * 0`` rather than zeros: Inductor drops ``zeros + shift`` to a view of the
-    # shift, and torch 2.6 cannot lower a convolution whose bias is a view of another shape.
-    bias = scale * 0 if conv_bias is None else conv_bias.to(dtype) * scale
+    # ``scale * 0.0``, not zeros nor ``scale * 0``: Inductor drops ``zeros + shift`` (and
+    # from torch 2.8 ``x * 0``, an int zero) to a view of the shift, and torch 2.6-2.12
+    # cannot lower a convolution whose bias is a view of another shape.
+    bias = scale * 0.0 if conv_bias is None else conv_bias.to(dtype) * scale
     if shift is not None:
         bias = bias + shift.to(dtype).reshape(-1).expand(channels)
     return weight.to(conv_weight.dtype), bias.to(conv_weight.dtype)

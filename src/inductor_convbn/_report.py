@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import _compat, _cudnn, _decide, _harness, _pairs
-from ._pairs import FOLDED, KEPT, NOT_MATCHED, SKIPPED, PairReport
+from ._pairs import AFFINE_NO_SHAPES, FOLDED, KEPT, NOT_MATCHED, SKIPPED, PairReport
 
 __all__ = ["FoldReport", "PairReport", "find_pairs", "verify", "verify_package"]
 
@@ -130,15 +130,19 @@ class FoldReport(_pairs.PairTable):
         return f"(OUTSIDE {tolerance}, and beyond {margin})"
 
     def _how_to_fold_kept(self) -> str:
-        kept = len(self.kept)
-        if not kept:
-            return ""
-        if self.freezing:
-            return f" ({kept} kept by policy={self.policy}: policy='always' folds them)"
-        return (
-            f" ({kept} kept by policy={self.policy}: freezing folds them once, at compile"
-            " time; policy='always' on every call)"
-        )
+        unseen = sum(p.reason == AFFINE_NO_SHAPES for p in self.pair_reports)
+        kept = len(self.kept) - unseen
+        said = []
+        if kept and self.freezing:
+            said.append(f"{kept} kept by policy={self.policy}: policy='always' folds them")
+        elif kept:
+            said.append(
+                f"{kept} kept by policy={self.policy}: freezing folds them once, at compile"
+                " time; policy='always' on every call"
+            )
+        if unseen:
+            said.append(f"{unseen} left to Inductor's binary folding: this torch gives no shapes")
+        return f" ({'; '.join(said)})" if said else ""
 
 
 def _layer_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _pairs.LayerKind | None:
