@@ -286,8 +286,28 @@ def test_a_gradient_error_beyond_eagers_own_is_a_mismatch():
     assert not judge(eager, far, truth, rtol=1e-4)[2]
     assert not judge(eager, zero_far, truth, rtol=1e-4)[2]
     assert not judge(eager, missing, truth, rtol=1e-4)[2]
-    error, eager_error, match = judge(eager, far, None, rtol=1e-4)  # no float64: vs eager
-    assert not match and eager_error is None and error == pytest.approx(0.02 / 2.01)
+    judged = judge(eager, far, None, rtol=1e-4)  # no float64: vs eager
+    assert not judged.match and judged.eager_error is None
+    assert judged.error == pytest.approx(0.02 / 2.01) and judged.plain_error is None
+
+
+def test_a_gradient_error_plain_compile_also_gets_is_not_blamed_on_the_plugin():
+    truth = [[torch.tensor([1.0, -2.0])]]
+    eager = [[torch.tensor([1.0, -2.0])]]
+    plugin = [[torch.tensor([1.0, float("inf")])]]  # a float16 backward that overflowed
+    judge = _report._judge_gradients
+    assert not judge(eager, plugin, truth, rtol=1e-2).match
+    judged = judge(eager, plugin, truth, rtol=1e-2, plain=plugin)
+    assert judged.match and judged.plain_error == float("inf"), judged
+    assert not judge(eager, plugin, truth, rtol=1e-2, plain=eager).match
+
+
+def test_verify_with_plain_reports_plain_compiles_gradient_error():
+    model, x = _model("conv2d"), _input("conv2d")
+    report = verify(model, x, grad=True, plain=True)
+    assert report.outputs_match and report.folded == report.pairs == 2, report
+    assert report.plain_grad_error is not None and report.plain_grad_error < 1e-3, report
+    assert "plain torch.compile's: " in str(report).splitlines()[0], report
 
 
 def test_fold_counts_survive_the_aot_autograd_cache():

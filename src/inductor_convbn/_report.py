@@ -11,7 +11,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -71,6 +71,8 @@ class FoldReport(_pairs.PairTable):
     max_grad_error: float | None = None
     # Eager's own such error against float64: the float32 noise the plugin is judged by.
     eager_grad_error: float | None = None
+    # plain torch.compile's such error, where it was compiled (as plain_compile_error)
+    plain_grad_error: float | None = None
     gradients_match: bool | None = None  # None when gradients were not compared
     package: bool = False  # an AOTInductor package (verify_package), not torch.compile
     # Convs whose bias (+ residual add) + ReLU run inside cuDNN's convolution (``_cudnn``);
@@ -101,8 +103,14 @@ class FoldReport(_pairs.PairTable):
         if self.max_grad_error is not None:
             head = head.replace(f"({mode})", f"({mode}, with gradients)", 1)
             head += f"; in gradients {self.max_grad_error:.3g} of their size"
-            if self.eager_grad_error is not None:
-                head += f" vs float64 (eager's own: {self.eager_grad_error:.3g})"
+            others = []
+            if self.eager_grad_error is not None:  # else against eager: no float64
+                head += " vs float64"
+                others.append(f"eager's own: {self.eager_grad_error:.3g}")
+            if self.plain_grad_error is not None:
+                others.append(f"{self._plain_name()}'s: {self.plain_grad_error:.3g}")
+            if others:
+                head += f" ({'; '.join(others)})"
             head += " (within)" if self.gradients_match else " (OUTSIDE)"
         if self.cudnn_fused:
             head += f"; {self.cudnn_fused} conv(s) with their epilogue in cuDNN"
@@ -284,7 +292,9 @@ def verify(
     ``grad=True`` runs with gradients instead (an eval model called without ``no_grad``, or
     frozen-BN fine-tuning) and also compares the parameters' gradients with those of a
     float64 copy of the eager model: the plugin's error may exceed eager's own by
-    ``GRAD_RTOL_FACTOR * rtol`` of each gradient's size (``_judge_gradients``). Calls from
+    ``GRAD_RTOL_FACTOR * rtol`` of each gradient's size (``_judge_gradients``), or plain
+    torch.compile's, compiled as for the output (``plain``) when the gradients are outside
+    that. Calls from
     several threads run one at a time; a model compiled in another thread meanwhile,
     outside ``verify()``, is counted too.
     """
@@ -335,21 +345,36 @@ def verify(
         decisions = _decide.take_decisions()
         fusions = _decide.take_fusions()
 
+    plain_variant: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
+
+    def plain_compiled() -> tuple[torch.nn.Module, Callable[..., Any]]:
+        if not plain_variant:  # compiled once, for the output and the gradients
+            plain_model = copy.deepcopy(model)
+            plain_variant.append(
+                (
+                    plain_model,
+                    _harness.compile_variant(
+                        plain_model, plugin=False, dynamic=dynamic, config=config
+                    ),
+                )
+            )
+        return plain_variant[0]
+
     def plain_output() -> Any:
         with grad_mode(), _harness.tf32_off():
-            compiled_plain = _harness.compile_variant(
-                copy.deepcopy(model), plugin=False, dynamic=dynamic, config=config
-            )
-            return compiled_plain(*example_inputs)
+            return plain_compiled()[1](*example_inputs)
 
     judged = _judge_output(actual, expected, rtol, atol, plain, plain_output)
     rtol, atol, outputs_match = judged.rtol, judged.atol, judged.outputs_match
-    grad_error = eager_grad_error = grads_match = None
+    gradients = None
     if grads is not None:
-        grad_error, eager_grad_error, grads_match = _judge_gradients(
-            *grads, rtol=GRAD_RTOL_FACTOR * rtol
-        )
-        outputs_match = outputs_match and grads_match
+        gradients = _judge_gradients(*grads, rtol=GRAD_RTOL_FACTOR * rtol)
+        if plain or (plain is None and not gradients.match):
+            with torch.enable_grad(), _harness.tf32_off():
+                plain_model, run = plain_compiled()
+                plain_grads = _gradients(plain_model, run, run(*example_inputs), example_inputs)
+            gradients = _judge_gradients(*grads, rtol=GRAD_RTOL_FACTOR * rtol, plain=plain_grads)
+        outputs_match = outputs_match and gradients.match
     return FoldReport(
         pair_reports=_pair_reports(model, pairs, decisions, delta, fusions),
         folded=delta[_decide.COUNTER_FOLDED],
@@ -363,9 +388,10 @@ def verify(
         fx_graph_cache_hits=delta["fxgraph_cache_hit"],
         policy=policy,
         freezing=freezing,
-        max_grad_error=grad_error,
-        eager_grad_error=eager_grad_error,
-        gradients_match=grads_match,
+        max_grad_error=None if gradients is None else gradients.error,
+        eager_grad_error=None if gradients is None else gradients.eager_error,
+        plain_grad_error=None if gradients is None else gradients.plain_error,
+        gradients_match=None if gradients is None else gradients.match,
     )
 
 
@@ -586,12 +612,27 @@ def _float64_gradients(model: torch.nn.Module, example_inputs: tuple[Any, ...]) 
         return None
 
 
+class _GradientJudgement(NamedTuple):
+    error: float  # the plugin's largest gradient error
+    eager_error: float | None  # eager's own against float64; None without float64
+    match: bool
+    plain_error: float | None = None  # plain torch.compile's, where it was compiled
+
+
 def _judge_gradients(
-    eager: Gradients, plugin: Gradients, exact: Gradients | None, *, rtol: float
-) -> tuple[float, float | None, bool]:
+    eager: Gradients,
+    plugin: Gradients,
+    exact: Gradients | None,
+    *,
+    rtol: float,
+    plain: Gradients | None = None,
+) -> _GradientJudgement:
     """The plugin's and eager's largest gradient errors against float64 (against eager,
     where ``exact`` is None), and whether the plugin's is within ``rtol`` plus twice
-    eager's own error, gradient by gradient.
+    eager's own error, gradient by gradient; with ``plain`` (plain torch.compile's
+    gradients), plus twice the larger of eager's and plain torch.compile's error: the
+    plugin is not blamed for what the compile without it gets (a float16 backward that
+    overflows in one and not in the other).
 
     Each error is relative to the gradient's largest element, and to at least 1% of the
     largest element of any gradient: a weight gradient sums over the batch and the image,
@@ -602,22 +643,36 @@ def _judge_gradients(
     adds to what eager itself gets.
     """
     truths = eager if exact is None else exact
-    worst_plugin, worst_eager, match = 0.0, 0.0, True
-    for eager_grads, plugin_grads, true_grads in zip(eager, plugin, truths, strict=True):
+    others = plugin if plain is None else plain  # without plain: no bar of its own
+    worst_plugin, worst_eager, worst_plain, match = 0.0, 0.0, 0.0, True
+    for eager_grads, plugin_grads, plain_grads, true_grads in zip(
+        eager, plugin, others, truths, strict=True
+    ):
         sizes = [0.0 if t is None else float(t.abs().max()) for t in true_grads]
         floor = 1e-2 * max(sizes, default=0.0)
-        for e, p, t, size in zip(eager_grads, plugin_grads, true_grads, sizes, strict=True):
+        for e, p, c, t, size in zip(
+            eager_grads, plugin_grads, plain_grads, true_grads, sizes, strict=True
+        ):
             if e is None and p is None:
                 continue
             if e is None or p is None or t is None:
-                return float("inf"), None if exact is None else worst_eager, False
+                return _GradientJudgement(
+                    float("inf"), None if exact is None else worst_eager, False
+                )
             scale = max(size, floor) or 1.0
             err_plugin = _max_abs_error(p, t)[0] / scale
             err_eager = _max_abs_error(e, t)[0] / scale
+            err_plain = 0.0 if plain is None or c is None else _max_abs_error(c, t)[0] / scale
             worst_plugin = max(worst_plugin, err_plugin)
             worst_eager = max(worst_eager, err_eager)
-            match = match and err_plugin <= rtol + 2 * err_eager
-    return worst_plugin, None if exact is None else worst_eager, match
+            worst_plain = max(worst_plain, err_plain)
+            match = match and err_plugin <= rtol + 2 * max(err_eager, err_plain)
+    return _GradientJudgement(
+        worst_plugin,
+        None if exact is None else worst_eager,
+        match,
+        None if plain is None else worst_plain,
+    )
 
 
 def _attribute(
