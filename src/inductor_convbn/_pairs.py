@@ -358,7 +358,7 @@ AFFINE_FLOAT16 = (
     "weight can overflow float16 where conv and BN apart do not"
 )
 AFFINE_NO_SHAPES = (
-    "a frozen BN, in a graph this torch hands over without shapes (torch 2.6-2.12 under "
+    "a frozen BN, in a graph this torch hands over without shapes (torch 2.6-2.11 under "
     "freezing): whether its scale is per channel cannot be checked, so it is left to "
     "Inductor's own binary folding"
 )

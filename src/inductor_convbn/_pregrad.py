@@ -124,7 +124,7 @@ def _fold_affine(graph: torch.fx.Graph, layer: torch.fx.Node, *, grad: bool, pol
     kind, conv = bound
     output = _example(layer)
     where = _pairs.describe_node(layer)
-    if output is None:  # torch 2.6-2.12 under freezing: a graph without shapes
+    if output is None:  # torch 2.6-2.11 under freezing: a graph without shapes
         _decide.record(_decide.Decision(where, False, _pairs.AFFINE_NO_SHAPES))
         return False
     if _pairs.affine_reason(output, affine):
