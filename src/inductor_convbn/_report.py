@@ -345,20 +345,13 @@ def verify(
         decisions = _decide.take_decisions()
         fusions = _decide.take_fusions()
 
-    plain_variant: list[tuple[torch.nn.Module, Callable[..., Any]]] = []
-
+    @functools.cache  # compiled once, for the output and the gradients
     def plain_compiled() -> tuple[torch.nn.Module, Callable[..., Any]]:
-        if not plain_variant:  # compiled once, for the output and the gradients
-            plain_model = copy.deepcopy(model)
-            plain_variant.append(
-                (
-                    plain_model,
-                    _harness.compile_variant(
-                        plain_model, plugin=False, dynamic=dynamic, config=config
-                    ),
-                )
-            )
-        return plain_variant[0]
+        plain_model = copy.deepcopy(model)
+        compiled = _harness.compile_variant(
+            plain_model, plugin=False, dynamic=dynamic, config=config
+        )
+        return plain_model, compiled
 
     def plain_output() -> Any:
         with grad_mode(), _harness.tf32_off():
